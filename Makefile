@@ -1,0 +1,20 @@
+# Quickstart targets: each creates .venv and installs what it needs on first use.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: install test bench
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/bench_forward.py
+	$(VENV)/bin/python bench/bench_convert.py

@@ -1,0 +1,78 @@
+"""Saving and loading cope_jax models (converted or trained) with orbax.
+
+A checkpoint directory holds `model.json` (model kind, config, dtype, where it came from) and
+`params/` (orbax). Loading rebuilds the module abstractly and restores every array straight into
+the current device layout, so a checkpoint written on 8 devices loads on 1 and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from cope_jax import sharding
+from cope_jax.models import KINDS, config_from_dict, config_to_dict, kind_of
+
+MODEL_FILE = "model.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory is missing, incomplete or not a cope_jax checkpoint."""
+
+
+def _dtype_of(module: nnx.Module) -> str:
+    leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param))]
+    return str(np.dtype(leaves[0].dtype)) if leaves else "float32"
+
+
+def save(directory: str, module: nnx.Module, **info) -> None:
+    """Writes `module` (weights + what is needed to rebuild it) to a new directory."""
+    directory = os.path.abspath(directory)
+    kind = kind_of(module)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), nnx.state(module))
+    checkpointer.wait_until_finished()
+    meta = {"kind": kind, "config": config_to_dict(module.config), "dtype": _dtype_of(module), **info}
+    with open(os.path.join(directory, MODEL_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_meta(directory: str) -> dict:
+    path = os.path.join(directory, MODEL_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory}: not a cope_jax checkpoint (no {MODEL_FILE}; convert with python -m cope_jax.convert)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("kind") not in KINDS:
+        raise CheckpointError(f"{path}: unknown model kind {meta.get('kind')!r}")
+    return meta
+
+
+def load(directory: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> nnx.Module:
+    """Rebuilds the saved module; with `mesh`, each weight lands on its shard."""
+    directory = os.path.abspath(directory)
+    meta = read_meta(directory)
+    module_class, _ = KINDS[meta["kind"]]
+    config = config_from_dict(meta["kind"], meta["config"])
+    abstract = nnx.eval_shape(lambda: module_class(config, dtype=meta["dtype"], param_dtype=meta["dtype"], rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_state)
+    else:
+        shardings = sharding.state_shardings(abstract_state, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    try:
+        state = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{directory}: cannot restore weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return nnx.merge(graphdef, state)

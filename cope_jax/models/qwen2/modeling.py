@@ -1,0 +1,212 @@
+"""Qwen2 decoder (HF `Qwen2ForCausalLM` semantics) in Flax NNX, with a KV cache.
+
+Axis alphabet: B batch, T query length, S key length, N query heads, K kv heads, H head dim,
+D model dim, F mlp dim, V vocab. Attribute names mirror HF so the weight map is near-identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from cope_jax.models.common import RMSNorm, linear, resolve_dtype
+from cope_jax.sharding import initializer
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def qwen2_7b(cls) -> "Qwen2Config":
+        """The LLM of LLaVA-Video-7B-Qwen2."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "Qwen2Config":
+        return cls(vocab_size=503, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0, max_position_embeddings=2048)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of every layer in slot order; `key_valid` marks real (non-pad) slots.
+
+    Slots are filled left to right (`end` is the next free slot, the same for all rows because
+    prompts are left-padded); `next_position` is each row's next RoPE position.
+    """
+
+    keys: list[jax.Array]  # L x [B,S,K,H]
+    values: list[jax.Array]  # L x [B,S,K,H]
+    key_valid: jax.Array  # [B,S] bool
+    next_position: jax.Array  # [B] int32
+    end: jax.Array  # [] int32
+
+    @classmethod
+    def init(cls, config: Qwen2Config, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, length, config.num_key_value_heads, config.head_dim)
+        zeros = [jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)]
+        return cls(keys=zeros, values=list(zeros), key_valid=jnp.zeros((batch, length), bool),
+                   next_position=jnp.zeros((batch,), jnp.int32), end=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.key_valid.shape[1]
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """HF split-half rotary embedding, angles in fp32. x [B,T,N,H], positions [B,T]."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, n * h, ("embed", "heads"), **kw)
+        self.k_proj = linear(d, k * h, ("embed", "kv_heads"), **kw)
+        self.v_proj = linear(d, k * h, ("embed", "kv_heads"), **kw)
+        self.o_proj = linear(n * h, d, ("heads", "embed"), use_bias=False, **kw)
+        self.config = config
+
+    def __call__(self, x, positions, mask, cached_kv=None, write_at=None):
+        """x [B,T,D], positions [B,T], mask [B,1,T,S]; cached_kv (k, v) each [B,S,K,H]."""
+        cfg = self.config
+        b, t, _ = x.shape
+        q = rope(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, cfg.rope_theta)
+        k = rope(self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, cfg.rope_theta)
+        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if cached_kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cached_kv[0], k.astype(cached_kv[0].dtype), write_at, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cached_kv[1], v.astype(cached_kv[1].dtype), write_at, axis=1)
+        # GQA natively: N query heads attend to K kv heads; GPUs get the fused kernel.
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B,T,N,H]
+        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(d, f, ("embed", "mlp"), **kw)
+        self.up_proj = linear(d, f, ("embed", "mlp"), **kw)
+        self.down_proj = linear(f, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Qwen2Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = Qwen2MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cached_kv=None, write_at=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, cached_kv, write_at)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Qwen2Model(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=initializer(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs)
+        self.layers = nnx.List([Qwen2DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+
+
+def _positions_from_mask(attention_mask: jax.Array, start: jax.Array) -> jax.Array:
+    """RoPE positions for left-padded rows: count of real tokens before each token (HF generate)."""
+    return start[:, None] + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+        dtype, param_dtype = resolve_dtype(dtype), resolve_dtype(param_dtype)
+        self.config = config
+        self.dtype = dtype
+        self.model = Qwen2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Tied: logits use embed_tokens' matrix and no lm_head exists (HF tie_word_embeddings).
+        self.lm_head = None if config.tie_word_embeddings else linear(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), use_bias=False,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.model.embed_tokens(input_ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """input_ids int32[B,T] (left padding marked by attention_mask) -> float32 logits [B,T,V]."""
+        return self.forward(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask)
+
+    def forward(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Cache-free causal forward over embeddings [B,T,D] -> logits [B,T,V]."""
+        b, t, _ = inputs_embeds.shape
+        attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        positions = _positions_from_mask(attention_mask, jnp.zeros((b,), jnp.int32))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = (causal[None] & attention_mask[:, None, :])[:, None]  # [B,1,T,S]
+        x = inputs_embeds.astype(self.dtype)
+        for layer in self.model.layers:
+            x, _ = layer(x, positions, mask)
+        return self.logits(self.model.norm(x))
+
+    def forward_cached(self, inputs_embeds: jax.Array, attention_mask: jax.Array, cache: KVCache):
+        """Appends T tokens ([B,T,D], mask [B,T]) to the cache -> (logits [B,T,V], new cache).
+
+        Used for the prompt (prefill, T = prompt length) and for decoding (T = 1).
+        """
+        b, t, _ = inputs_embeds.shape
+        attention_mask = attention_mask.astype(bool)
+        positions = _positions_from_mask(attention_mask, cache.next_position)
+        key_valid = jax.lax.dynamic_update_slice_in_dim(cache.key_valid, attention_mask, cache.end, axis=1)
+        query_slot = cache.end + jnp.arange(t)
+        causal = jnp.arange(cache.length)[None, :] <= query_slot[:, None]  # [T,S]
+        mask = (causal[None] & key_valid[:, None, :])[:, None]
+        x = inputs_embeds.astype(self.dtype)
+        keys, values = [], []
+        for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
+            x, (k, v) = layer(x, positions, mask, (k_cache, v_cache), cache.end)
+            keys.append(k)
+            values.append(v)
+        new_cache = KVCache(keys=keys, values=values, key_valid=key_valid,
+                            next_position=cache.next_position + attention_mask.sum(axis=1, dtype=jnp.int32),
+                            end=cache.end + t)
+        return self.logits(self.model.norm(x)), new_cache

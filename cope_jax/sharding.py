@@ -1,0 +1,116 @@
+"""Logical axis names -> device mesh: the one place that knows how weights are laid out.
+
+Every weight is created with `logical_axes` metadata (names from the axis alphabet: `embed`,
+`mlp`, `heads`, `kv_heads`, `vocab`, `conv_out`, ...). A config maps those names to mesh axes with
+a short rule list (MaxText's `logical_axis_rules`), and this module turns rules + mesh into
+`NamedSharding`s. A dimension that the mesh axis does not divide stays replicated instead of failing
+(e.g. one KV head on a 2-way tensor axis).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# (logical name, mesh axis or tuple of mesh axes). A name not listed is replicated.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_out", "tensor"),
+    ("conv_in", "fsdp"),
+)
+
+DEFAULT_MESH_SHAPE = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def initializer(init: Callable, logical_axes: tuple[str | None, ...]) -> Callable:
+    """Wraps a Flax initializer so the created Param carries its logical axis names."""
+    return nnx.with_metadata(init, logical_axes=logical_axes)
+
+
+def make_mesh(mesh_shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh from `{axis: size}`; one size may be -1 (all remaining devices)."""
+    mesh_shape = dict(mesh_shape or DEFAULT_MESH_SHAPE)
+    devices = list(devices if devices is not None else jax.devices())
+    known = math.prod(size for size in mesh_shape.values() if size != -1)
+    if list(mesh_shape.values()).count(-1) > 1:
+        raise ValueError(f"mesh shape {mesh_shape}: at most one axis may be -1")
+    if -1 in mesh_shape.values():
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {mesh_shape} does not divide {len(devices)} devices")
+        mesh_shape = {k: (len(devices) // known if v == -1 else v) for k, v in mesh_shape.items()}
+    if math.prod(mesh_shape.values()) != len(devices):
+        raise ValueError(f"mesh shape {mesh_shape} needs {math.prod(mesh_shape.values())} devices, have {len(devices)}")
+    grid = np.asarray(devices).reshape(tuple(mesh_shape.values()))
+    return Mesh(grid, tuple(mesh_shape.keys()))
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+    """Maps one array's logical axis names to a PartitionSpec valid for `shape` on `mesh`."""
+    if not logical_axes:
+        return PartitionSpec()
+    rule_map = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        mesh_axes = rule_map.get(name) if name else None
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        # An axis already used by an earlier dim, or of size 1, adds nothing.
+        mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
+        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            used.update(mesh_axes)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def _variable_sharding(variable: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:
+    axes = variable.get_metadata().get("logical_axes")
+    shape = np.shape(variable.get_value())
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
+    """The NamedSharding of every variable in `state` (abstract or concrete)."""
+    return jax.tree.map(
+        lambda v: v.replace(_variable_sharding(v, mesh, rules)),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+    """Initialises `factory()` with every weight born on its shard (no unsharded copy)."""
+    abstract = nnx.eval_shape(factory)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    init = jax.jit(lambda: nnx.state(factory()), out_shardings=shardings)
+    return nnx.merge(graphdef, init())
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+    """Moves an existing module's weights onto their shardings (in place) and returns it."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return module
+
+
+def replicated_large_weights(module: nnx.Module, min_size: int = 2**14) -> list[str]:
+    """Paths of weights with >= min_size elements that are fully replicated (none expected)."""
+    offenders = []
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        value = variable.get_value()
+        if value.size >= min_size and value.sharding.is_fully_replicated and len(value.sharding.device_set) > 1:
+            offenders.append("/".join(map(str, path)))
+    return offenders

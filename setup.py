@@ -1,0 +1,32 @@
+"""cope-jax: CoPE-VideoLM (codec-primitive video language model) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Pinned: NNX and orbax APIs move between minors; these are the versions the tests run on.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorstore==0.1.86",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "av==18.1.0",
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+    "numpy>=2.0,<3",
+    "ml-dtypes>=0.5",
+    "tqdm>=4.66",
+]
+
+setup(
+    name="cope-jax",
+    version="0.1.0",
+    description="CoPE-VideoLM (arXiv 2602.13191) in JAX/Flax NNX: codec primitives as video tokens",
+    python_requires=">=3.11",
+    packages=find_packages(include=["cope_jax", "cope_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest>=8", "torch==2.13.0"]},
+)

@@ -55,7 +55,9 @@ def _plan_qwen2(hf, keys, source):
 
 def _plan_siglip(hf, keys, source):
     vision = hf.get("vision_config", hf) if hf.get("model_type") == "siglip" else hf
-    prefix = "vision_model."
+    # transformers < 5 and SiglipModel files nest the tower under `vision_model.`; 5.x
+    # SiglipVisionModel files do not.
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
     config = siglip_params.config_from_hf(vision, source, use_post_layernorm=any(k.startswith(prefix + "post_layernorm.") for k in keys))
     text_ignores = [ignore(r"text_model\..*", "SigLIP text tower"), ignore(r"logit_(scale|bias)", "contrastive head")]
     return Plan("hf_siglip", SiglipVisionModel, config, siglip_params.rules(config, prefix) + text_ignores)

@@ -22,7 +22,8 @@ LAYOUTS = {
     "hf_onevision": dict(text="", vision=("model.vision_tower.vision_model.", "model.vision_tower."),
                          projector=("model.multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_2."),
                          newline="model.image_newline"),
-    "hf_onevision_legacy": dict(text="language_model.", vision="vision_tower.vision_model.",
+    # Hub files (transformers < 4.52) nest `vision_model.`; transformers 5 writes these names without it.
+    "hf_onevision_legacy": dict(text="language_model.", vision=("vision_tower.vision_model.", "vision_tower."),
                                 projector=("multi_modal_projector.linear_1.", "multi_modal_projector.linear_2."),
                                 newline="image_newline"),
 }

@@ -1,7 +1,7 @@
 """Reading PyTorch checkpoints one tensor at a time, and applying a declarative weight map.
 
-Readers: safetensors (single file or sharded via `*.safetensors.index.json`), parsed here with a
-memory map so bf16 needs neither torch nor a full copy; PyTorch `.bin`/`.pt`/`.pth` through
+Readers: safetensors (single file or sharded via `*.safetensors.index.json`), parsed here and
+read one tensor at a time so bf16 needs no torch and memory stays at one tensor; PyTorch `.bin`/`.pt`/`.pth` through
 `torch.load(weights_only=True, mmap=True)` (no pickle code runs). A weight map is a list of
 `Rule(source regex, target path template, transform)`; `apply_rules` streams every source tensor
 through it into an abstract NNX state and reports *all* problems at once.
@@ -34,7 +34,7 @@ SAFETENSORS_DTYPES = {
 
 
 class SafetensorsFile:
-    """Header-validated, memory-mapped safetensors file: tensors are read only when asked for."""
+    """Header-validated safetensors file: tensors are read only when asked for."""
 
     def __init__(self, path: str):
         self.path = path
@@ -64,17 +64,20 @@ class SafetensorsFile:
             if self._data_start + end > size:
                 raise ConversionError(f"{path}: truncated file (tensor {key} ends at byte {self._data_start + end}, file has {size})")
             self.entries[key] = (dtype, shape, begin)
-        self._map = np.memmap(path, dtype=np.uint8, mode="r") if size > self._data_start else None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
 
     def read(self, key: str) -> np.ndarray:
+        # A positional read into a fresh buffer rather than a memory map: mapped pages count
+        # towards resident memory until unmapped, so converting a big file would hold all of it.
         dtype, shape, begin = self.entries[key]
-        count = int(np.prod(shape, dtype=np.int64))
-        if count == 0:
-            return np.zeros(shape, dtype)
-        return np.frombuffer(self._map, dtype=dtype, count=count, offset=self._data_start + begin).reshape(shape)
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                raise ConversionError(f"{self.path}: truncated while reading {key}")
+        return out
 
 
 class TorchFile:
@@ -212,10 +215,10 @@ def _resolve(rules: list[Rule], key: str) -> tuple[Rule, str | None] | None:
     return None
 
 
-def _summarise(problems: list[str], limit: int = 12) -> str:
-    shown = problems[:limit]
-    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return "\n  " + "\n  ".join(shown) + more
+def _summarise(problems: list[str], limit: int = 8) -> str:
+    """One line: the first few problems, then how many more."""
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
 
 
 def apply_rules(reader: CheckpointReader, rules: list[Rule], abstract_module: nnx.Module,
@@ -256,7 +259,7 @@ def apply_rules(reader: CheckpointReader, rules: list[Rule], abstract_module: nn
         if got != expected:
             problems.append(f"{key}: shape {reader.shape(key)} -> {got} does not fit {target} {expected}")
     if problems:
-        raise ConversionError(f"{reader.path}: {len(problems)} problem(s) mapping the checkpoint:{_summarise(problems)}")
+        raise ConversionError(f"{reader.path}: {len(problems)} problem(s) mapping the checkpoint: {_summarise(problems)}")
     for key, target, transform in tqdm(plan, desc="converting", unit="tensor", disable=not progress):
         dtype = targets[target].get_value().dtype
         array = np.ascontiguousarray(transform(reader.read(key))).astype(dtype, copy=False)

@@ -85,7 +85,7 @@ def _error(path) -> str:
     with pytest.raises(ConversionError) as info:
         from_pytorch(str(path))
     message = str(info.value)
-    assert str(path) in message  # names the file
+    assert str(path) in message and "\n" not in message  # one line naming the file
     return message
 
 

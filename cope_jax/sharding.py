@@ -99,13 +99,6 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules=DEFAULT_
     return nnx.merge(graphdef, init())
 
 
-def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
-    """Moves an existing module's weights onto their shardings (in place) and returns it."""
-    state = nnx.state(module)
-    nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
-    return module
-
-
 def replicated_large_weights(module: nnx.Module, min_size: int = 2**14) -> list[str]:
     """Paths of weights with >= min_size elements that are fully replicated (none expected)."""
     offenders = []

@@ -191,3 +191,33 @@ def test_chat_prompt_is_llava_video_qwen_1_5():
     assert chat_prompt("What happens?") == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat happens?<|im_end|>\n"
         "<|im_start|>assistant\n")
+
+
+def tiny_chat_tokenizer():
+    """A word-level tokenizer with Qwen's ChatML special tokens, built locally (no hub)."""
+    import tokenizers
+
+    words = ["system", "user", "assistant", "You", "are", "a", "helpful", "assistant.", "What", "happens?", "\n"]
+    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
+def test_answer_splits_prompt_at_placeholder_and_stops_at_eos(tmp_path, reference):
+    from cope_jax.inference import answer, split_prompt_ids
+
+    tokenizer = tiny_chat_tokenizer()
+    before, after = split_prompt_ids(tokenizer, chat_prompt("What happens?"))
+    assert before[:2] == [1, tokenizer.convert_tokens_to_ids("system")] and after[-1] == tokenizer.convert_tokens_to_ids("assistant")
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in after
+    save_llava_next(reference, tmp_path, "bilinear")
+    model = from_pytorch(str(tmp_path))
+    frames = jnp.asarray(pixels()[:1].permute(0, 2, 3, 1).numpy())
+    free = generate_from_keyframes(model, frames, before, after, SamplingConfig(max_new_tokens=8))
+    eos = int(free[3])  # pretend the 4th generated token is EOS: the answer must stop before it
+    text = answer(model, tokenizer, frames, "What happens?", SamplingConfig(max_new_tokens=8, eos_token_id=eos))
+    assert text == tokenizer.decode([int(t) for t in free[: list(free).index(eos)]], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="exactly one"):
+        split_prompt_ids(tokenizer, "no placeholder")

@@ -23,7 +23,7 @@ from common import machine, median_seconds  # noqa: E402
 from cope_jax.convert import from_pytorch  # noqa: E402
 
 
-def bench_qwen2(threads: int):
+def bench_qwen2():
     config = transformers.Qwen2Config(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=8,
                                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
     hf = transformers.Qwen2ForCausalLM(config).eval()
@@ -38,7 +38,7 @@ def bench_qwen2(threads: int):
     return "Qwen2 8L h896, 1024 tokens", jax_s, torch_s
 
 
-def bench_siglip(threads: int):
+def bench_siglip():
     config = transformers.SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
                                              num_hidden_layers=8, num_attention_heads=16)
     hf = transformers.SiglipVisionModel(config).eval()
@@ -57,9 +57,9 @@ def main():
     threads = os.cpu_count()
     torch.set_num_threads(threads)
     print(f"machine: {machine()}, torch {torch.__version__} ({threads} threads)")
-    print(f"| model | JAX (ms) | PyTorch (ms) | PyTorch / JAX |\n|---|---|---|---|")
+    print("| model | JAX (ms) | PyTorch (ms) | PyTorch / JAX |\n|---|---|---|---|")
     for bench in (bench_qwen2, bench_siglip):
-        name, jax_s, torch_s = bench(threads)
+        name, jax_s, torch_s = bench()
         print(f"| {name} | {jax_s * 1e3:.0f} | {torch_s * 1e3:.0f} | {torch_s / jax_s:.2f}x |", flush=True)
 
 

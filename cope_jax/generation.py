@@ -58,7 +58,7 @@ def choose_next_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfi
 def _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, rng):
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward_cached(inputs_embeds, attention_mask, cache)
-    return choose_next_token(logits[:, -1], rng, sampling), logits[:, -1], cache
+    return choose_next_token(logits[:, -1], rng, sampling), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
@@ -82,7 +82,7 @@ def generate_from_embeddings(model: Qwen2ForCausalLM, inputs_embeds: jax.Array, 
     cache = KVCache.init(model.config, b, t + sampling.max_new_tokens, model.dtype)
     eos = np.atleast_1d(np.asarray(() if sampling.eos_token_id is None else sampling.eos_token_id, np.int32))
     rng, step_rng = jax.random.split(rng)
-    token, _, cache = _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, step_rng)
+    token, cache = _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, step_rng)
     tokens = [np.asarray(token)]
     done = np.isin(tokens[-1], eos)
     for _ in range(sampling.max_new_tokens - 1):

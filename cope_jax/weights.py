@@ -1,8 +1,8 @@
 """Reading PyTorch checkpoints one tensor at a time, and applying a declarative weight map.
 
 Readers: safetensors (single file or sharded via `*.safetensors.index.json`), parsed here and
-read one tensor at a time so bf16 needs no torch and memory stays at one tensor; PyTorch `.bin`/`.pt`/`.pth` through
-`torch.load(weights_only=True, mmap=True)` (no pickle code runs). A weight map is a list of
+read one tensor at a time, so bf16 needs no torch and memory holds one tensor; PyTorch
+`.bin`/`.pt`/`.pth` through `torch.load(weights_only=True, mmap=True)` (no pickle code runs). A weight map is a list of
 `Rule(source regex, target path template, transform)`; `apply_rules` streams every source tensor
 through it into an abstract NNX state and reports *all* problems at once.
 """

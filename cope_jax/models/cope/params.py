@@ -7,6 +7,7 @@ only key prefixes and the way the kept vision depth is stated differ.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from cope_jax.models.cope.modeling import CoPEConfig, POOL_MODES
 from cope_jax.models.qwen2 import params as qwen2_params
@@ -40,11 +41,11 @@ def rules(layout: str, config: CoPEConfig, source_vision_prefix: str, source_vis
     names = LAYOUTS[layout]
     projector = []
     for source, target in zip(names["projector"], ("mm_projector.linear_1.", "mm_projector.linear_2.")):
-        projector += [Rule(source.replace(".", r"\.") + r"weight", target + "kernel", linear_kernel),
-                      Rule(source.replace(".", r"\.") + r"bias", target + "bias")]
+        projector += [Rule(re.escape(source + "weight"), target + "kernel", linear_kernel),
+                      Rule(re.escape(source + "bias"), target + "bias")]
     return (_text_rules(layout, config)
             + siglip_params.rules(config.vision, source_vision_prefix, "vision_tower.", source_vision_layers)
-            + projector + [Rule(names["newline"].replace(".", r"\."), "image_newline")])
+            + projector + [Rule(re.escape(names["newline"]), "image_newline")])
 
 
 def detect_layout(hf: dict, keys: list[str]) -> str:

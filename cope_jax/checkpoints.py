@@ -31,14 +31,20 @@ def _dtype_of(module: nnx.Module) -> str:
     return str(np.dtype(leaves[0].dtype)) if leaves else "float32"
 
 
+def _largest_array_bytes(state) -> int:
+    return max((leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)), default=0)
+
+
 def save(directory: str, module: nnx.Module, **info) -> None:
     """Writes `module` (weights + what is needed to rebuild it) to a new directory."""
     directory = os.path.abspath(directory)
     kind = kind_of(module)
-    # Synchronous: the caller waits anyway, and the async checkpointer's extra host copy of the
-    # whole state costs ~0.8 GiB more peak per 3 GiB of weights (BENCHMARKS.md).
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), args=ocp.args.StandardSave(nnx.state(module)))
+    state = nnx.state(module)
+    # Synchronous, with a bounded window of arrays copied to host and in flight: by default orbax
+    # stages a host copy of the whole state before writing, doubling peak memory (BENCHMARKS.md).
+    window_gb = max(_largest_array_bytes(state), 2**28) / 1e9
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=window_gb, save_device_host_concurrent_gb=window_gb)
+    ocp.Checkpointer(handler).save(os.path.join(directory, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
     meta = {"kind": kind, "config": config_to_dict(module.config), "dtype": _dtype_of(module), **info}
     with open(os.path.join(directory, MODEL_FILE), "w") as f:
         json.dump(meta, f, indent=2)

@@ -18,3 +18,4 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_forward.py
 	$(VENV)/bin/python bench/bench_convert.py
+	$(VENV)/bin/python bench/bench_preprocess.py

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import struct
+import threading
 import zlib
 from typing import Iterable, Sequence
 
@@ -60,15 +61,16 @@ def encode_jpeg(rgb: np.ndarray, qscale: int) -> bytes:
     return b"".join(bytes(packet) for packet in encoder.encode(frame) + encoder.encode(None))
 
 
-_jpeg_decoder = None
+# One decoder per thread: loaders read records from several threads, and a codec context shared
+# between threads crashes FFmpeg.
+_local = threading.local()
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
-    global _jpeg_decoder
-    if _jpeg_decoder is None:
-        _jpeg_decoder = av.CodecContext.create("mjpeg", "r")
-        _jpeg_decoder.options = {"flags": "+bitexact"}
-    frames = _jpeg_decoder.decode(av.Packet(data))
+    if not hasattr(_local, "jpeg_decoder"):
+        _local.jpeg_decoder = av.CodecContext.create("mjpeg", "r")
+        _local.jpeg_decoder.options = {"flags": "+bitexact"}
+    frames = _local.jpeg_decoder.decode(av.Packet(data))
     if len(frames) != 1:
         raise RecordError(f"JPEG step decoded to {len(frames)} frames")
     return frames[0].to_ndarray(format="rgb24")

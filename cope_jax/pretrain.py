@@ -1,0 +1,253 @@
+"""Stage 1: align the Δ-encoder with SigLIP (paper §3.3, Eq. 7-10; App. C).
+
+Each example is a P step: SigLIP tokens of rgb[t-1] (frozen tower) + the Δ of step t go through
+the Δ-encoder and the reference and warped transformers; the loss is the patch-wise MSE against
+the frozen SigLIP tokens of rgb[t].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cope_jax import checkpoints, metrics, retrieval, sharding, training
+from cope_jax.models.delta_encoder.modeling import DeltaEncoderConfig, DeltaPretrainer, parameter_count
+from cope_jax.models.resnet.modeling import ResNetConfig
+from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
+from cope_jax.training import ConfigError
+from data_pipeline import loaders, records
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def delta_config(config) -> DeltaEncoderConfig:
+    fields = dict(config.model)
+    fields["resnet"] = ResNetConfig(**dict(fields["resnet"]))
+    try:
+        return DeltaEncoderConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def build_siglip(config, dtype) -> SiglipVisionModel:
+    """The frozen tower: from a converted checkpoint, or a small random one (tiny runs only)."""
+    if not config.siglip_checkpoint:
+        try:
+            siglip_config = SiglipVisionConfig(**dict(config.siglip))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.siglip: {e}") from None
+        log("NOTE: config.siglip_checkpoint is empty: using a small RANDOM SigLIP tower as the target. "
+            "Fine for the tiny demo; real pretraining needs a converted SigLIP / LLaVA-Video checkpoint.")
+        return SiglipVisionModel(siglip_config, dtype=dtype, rngs=nnx.Rngs(config.seed + 1))
+    if not os.path.isdir(config.siglip_checkpoint):
+        raise ConfigError(f"config.siglip_checkpoint {config.siglip_checkpoint}: no such directory")
+    module = checkpoints.load(config.siglip_checkpoint)
+    tower = getattr(module, "vision_tower", module)
+    if not isinstance(tower, SiglipVisionModel):
+        raise ConfigError(f"config.siglip_checkpoint {config.siglip_checkpoint}: holds a {type(module).__name__}, "
+                          "not SigLIP or a LLaVA-Video/CoPE model")
+    return tower
+
+
+def load_resnet_trunk(model: DeltaPretrainer, path: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"config.resnet_checkpoint {path}: no such directory")
+    source = checkpoints.load(path)
+    trunk = model.delta_encoder.residual_trunk
+    if getattr(source, "config", None) != trunk.config:
+        raise ConfigError(f"config.resnet_checkpoint {path}: ResNet config {getattr(source, 'config', None)} "
+                          f"does not match config.model.resnet {trunk.config}")
+    nnx.update(trunk, nnx.state(source))
+
+
+def prepare_data(config, workdir: str) -> str:
+    """config.data_dir, or demo clips generated and preprocessed under the workdir."""
+    if config.data_dir:
+        if not os.path.isdir(config.data_dir):
+            raise ConfigError(f"config.data_dir {config.data_dir}: no such directory")
+        return config.data_dir
+    from data_pipeline import preprocess, synthetic
+
+    data_dir = os.path.join(workdir, "demo_data")
+    size = config.model.image_size
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(data_dir, "manifest.json")):
+        log(f"config.data_dir is empty: generating {config.demo_clips} demo clips ({size}x{size}) and preprocessing them")
+        synthetic.demo_clips(os.path.join(workdir, "demo_videos"), count=config.demo_clips, size=size)
+        code = preprocess.main(["--videos", os.path.join(workdir, "demo_videos"), "--output", data_dir, "--size", str(size),
+                                "--gop", "120", "--fusion", "10", "--num-shards", "2", "--workers", "1", "--quiet"])
+        if code:
+            raise RuntimeError("preprocessing the demo clips failed")
+    return data_dir
+
+
+def normalize(rgb: jax.Array) -> jax.Array:
+    return (rgb.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def make_functions(model_graph, siglip_graph, tx):
+    """Jitted train step, SigLIP tokens and predictions; graphdefs are static (closed over)."""
+
+    def loss_fn(params, rest, siglip_state, batch):
+        model = nnx.merge(model_graph, params, rest)
+        siglip = nnx.merge(siglip_graph, siglip_state)
+        prev_tokens = jax.lax.stop_gradient(siglip(normalize(batch["prev_rgb"])))
+        target = jax.lax.stop_gradient(siglip(normalize(batch["rgb"]))).astype(jnp.float32)
+        predicted = model(prev_tokens, batch["mv"], batch["residual"]).astype(jnp.float32)
+        return jnp.mean((predicted - target) ** 2)
+
+    def train_step(params, opt_state, rest, siglip_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, siglip_state, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax_global_norm(grads)}
+
+    def siglip_tokens(siglip_state, rgb):
+        return nnx.merge(siglip_graph, siglip_state)(normalize(rgb)).astype(jnp.float32)
+
+    def predict(params, rest, prev_tokens, mv, residual):
+        return nnx.merge(model_graph, params, rest)(prev_tokens, mv, residual).astype(jnp.float32)
+
+    return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(siglip_tokens), jax.jit(predict))
+
+
+def optax_global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+class Stage:
+    """Everything built from a config: mesh, models, data, optimizer, checkpoints."""
+
+    def __init__(self, config, workdir: str):
+        training.check_positive(config, "total_steps", "batch_size", "checkpoint_every_steps", "eval_every_steps",
+                                "log_every_steps", "keep_checkpoints")
+        if config.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
+        self.config, self.workdir = config, workdir
+        self.mesh = training.build_mesh(config)
+        data_shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+        if config.batch_size % data_shards:
+            raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by the data x fsdp devices ({data_shards})")
+        compute = jnp.dtype(config.compute_dtype)
+        model_config = delta_config(config)
+        self.siglip = build_siglip(config, compute)
+        if self.siglip.config.image_size != model_config.image_size or self.siglip.config.hidden_size != model_config.width:
+            raise ConfigError(f"SigLIP ({self.siglip.config.image_size} px, width {self.siglip.config.hidden_size}) and "
+                              f"config.model ({model_config.image_size} px, width {model_config.width}) must agree")
+        self.data_dir = prepare_data(config, workdir)
+        self.source = loaders.PairSource(self.data_dir)
+        first = self.source.records.header(0)
+        if first["height"] != model_config.image_size:
+            raise ConfigError(f"{self.data_dir}: records are {first['height']} px, config.model.image_size is {model_config.image_size}")
+        model = sharding.create_sharded(lambda: DeltaPretrainer(model_config, dtype=compute, rngs=nnx.Rngs(config.seed)), self.mesh)
+        if config.resnet_checkpoint:
+            load_resnet_trunk(model, config.resnet_checkpoint)
+        self.encoder_parameters = parameter_count(model.delta_encoder)
+        self.heads_parameters = parameter_count(model) - self.encoder_parameters
+        self.model_graph, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.siglip_graph, self.siglip_state = nnx.split(self.siglip)
+        self.tx, self.schedule = training.make_optimizer(config)
+        self.train_step, self.siglip_tokens, self.predict = make_functions(self.model_graph, self.siglip_graph, self.tx)
+        self.loader = loaders.pair_loader(self.source, global_batch_size=config.batch_size, seed=config.seed,
+                                          workers=config.data_workers, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+
+    def evaluate(self) -> dict:
+        videos = records.open(self.data_dir)
+        result = retrieval.next_frame_retrieval(
+            videos, lambda rgb: self.siglip_tokens(self.siglip_state, rgb),
+            lambda prev, mv, residual: self.predict(self.params, self.rest, prev, mv, residual),
+            self.config.eval_max_videos)
+        log(retrieval.format_result(result))
+        return result
+
+
+def train(config, workdir: str) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    stage = Stage(config, workdir)
+    log(f"Δ-encoder: {stage.encoder_parameters / 1e6:.2f}M parameters (+ {stage.heads_parameters / 1e6:.2f}M in the "
+        f"pretraining heads); mesh {dict(stage.mesh.shape)}; {len(stage.source)} training pairs from {stage.data_dir}")
+    params_sh = jax.tree.map(lambda x: x.sharding, stage.params)
+    opt_state = jax.jit(stage.tx.init, out_shardings=None)(stage.params)
+    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    iterator = iter(stage.loader)
+    ckpt = training.Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
+    step = 0
+    if (latest := ckpt.latest_step()) is not None:
+        params, opt_state = ckpt.restore(latest, training.abstract_like(stage.params, params_sh),
+                                         training.abstract_like(opt_state, opt_sh), iterator)
+        stage.params, step = params, latest
+        log(f"resumed from step {latest} ({ckpt.directory})")
+    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0)
+    order_log = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.get("record_data_order") else None
+    stop = training.StopRequest()
+    meter = training.Throughput(step, config.total_steps, config.batch_size)
+    history = []
+    try:
+        while step < config.total_steps:
+            local = next(iterator)
+            if order_log:
+                order_log.write(json.dumps({"step": step, "pairs": np.stack([local["video"], local["step"]], 1).tolist()}) + "\n")
+                order_log.flush()
+            batch = training.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
+            stage.params, opt_state, step_metrics = stage.train_step(stage.params, opt_state, stage.rest, stage.siglip_state, batch)
+            step += 1
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                values = {k: float(v) for k, v in step_metrics.items()}
+                values["learning_rate"] = float(stage.schedule(step))
+                values.update(meter.update(step))
+                history.append((step, values["loss"]))
+                writer.write(step, {f"train/{k}": v for k, v in values.items()})
+                log(f"step {step}/{config.total_steps}  loss {values['loss']:.5f}  lr {values['learning_rate']:.2e}  "
+                    f"grad_norm {values['grad_norm']:.3f}  {values['steps_per_second']:.2f} steps/s  "
+                    f"{values['examples_per_second']:.1f} examples/s  ETA {training.format_eta(values['eta_seconds'])}")
+            ckpt.save(step, stage.params, opt_state, iterator)
+            if step % config.eval_every_steps == 0 and step < config.total_steps:
+                writer.write(step, {f"eval/{k}": v for k, v in stage.evaluate().items()})
+            if stop.requested:
+                log(f"SIGTERM: saving step {step} and stopping")
+                ckpt.save(step, stage.params, opt_state, iterator, force=True)
+                break
+        else:
+            ckpt.save(step, stage.params, opt_state, iterator, force=True)
+        ckpt.close()
+    finally:
+        stop.restore()
+        if order_log:
+            order_log.close()
+    result = {"step": step, "loss_history": history, "params": stage.params}
+    if step >= config.total_steps:
+        result["retrieval"] = stage.evaluate()
+        writer.write(step, {f"eval/{k}": v for k, v in result["retrieval"].items()})
+        if history:
+            log(f"loss {history[0][1]:.5f} at step {history[0][0]} -> {history[-1][1]:.5f} at step {history[-1][0]}")
+    writer.close()
+    return result
+
+
+def evaluate_only(config, workdir: str) -> dict:
+    """Retrieval with the latest checkpoint of `workdir` (or fresh weights if there is none)."""
+    stage = Stage(config, workdir)
+    ckpt = training.Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
+    if (latest := ckpt.latest_step()) is None:
+        log(f"no checkpoint in {ckpt.directory}: evaluating freshly initialised weights")
+    else:
+        params_sh = jax.tree.map(lambda x: x.sharding, stage.params)
+        opt_state = jax.eval_shape(stage.tx.init, stage.params)
+        opt_sh = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), opt_state)
+        stage.params, _ = ckpt.restore(latest, training.abstract_like(stage.params, params_sh),
+                                       training.abstract_like(opt_state, opt_sh), iter(stage.loader))
+        log(f"evaluating step {latest}")
+    result = stage.evaluate()
+    ckpt.close()
+    return result
+
+
+__all__ = ["train", "evaluate_only", "Stage"]

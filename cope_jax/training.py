@@ -1,0 +1,137 @@
+"""Pieces every training stage shares: mesh, optimizer, checkpoints, SIGTERM, throughput.
+
+Checkpoints are an orbax `CheckpointManager` under <workdir>/checkpoints holding `params`,
+`opt_state`, `step` and every process's grain iterator state (`data`). Saves are asynchronous and
+bounded (keep-N); a restore takes the latest *committed* step and lands each array on the current
+mesh, so 8 devices -> 1 and back works.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grain.python as grain
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cope_jax import sharding
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def check_positive(config, *fields: str) -> None:
+    for field in fields:
+        value = config[field]
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"config.{field} must be > 0, got {value!r}")
+
+
+def build_mesh(config) -> jax.sharding.Mesh:
+    shape = {axis: int(size) for axis, size in dict(config.mesh).items()}
+    try:
+        return sharding.make_mesh(shape)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh {shape}: {e} ({jax.device_count()} devices)") from None
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def global_batch(local: dict, mesh) -> dict:
+    """This process's slice of the batch -> global arrays split over data x fsdp."""
+    target = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in local.items()}
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then cosine decay (paper App. C); no decay on biases and norms."""
+    check_positive(config, "learning_rate", "total_steps")
+    if config.warmup_steps >= config.total_steps:
+        raise ConfigError(f"config.warmup_steps ({config.warmup_steps}) must be < config.total_steps ({config.total_steps})")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, config.total_steps)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+class Checkpoints:
+    def __init__(self, workdir: str, keep: int, every: int):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, data_iterator, *, force: bool = False) -> bool:
+        """Saves when `step` is due (or `force`); a step already saved is left as it is."""
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                                  data=grain.PyGrainCheckpointSave(data_iterator))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
+                                  opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                                  data=grain.PyGrainCheckpointRestore(data_iterator))
+        restored = self.manager.restore(step, args=args)
+        return restored["params"], restored["opt_state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class StopRequest:
+    """SIGTERM (preemption, scancel) -> finish the step, save, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class Throughput:
+    """steps/s, examples/s and ETA over the last logging window."""
+
+    def __init__(self, start_step: int, total_steps: int, batch_size: int):
+        self.total, self.batch = total_steps, batch_size
+        self.step, self.time = start_step, time.perf_counter()
+
+    def update(self, step: int) -> dict:
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        return {"steps_per_second": rate, "examples_per_second": rate * self.batch,
+                "eta_seconds": (self.total - step) / max(rate, 1e-9)}
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

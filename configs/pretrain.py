@@ -65,13 +65,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.variant = variant
     if variant == "tiny":
         c.model = _model(DeltaEncoderConfig.tiny())
-        c.total_steps = 300
+        c.total_steps = 600  # about a minute on 2 CPU cores
         c.batch_size = 8
         c.learning_rate = 1e-3
         c.warmup_steps = 20
-        c.checkpoint_every_steps = 100
-        c.eval_every_steps = 100
-        c.log_every_steps = 20
+        c.checkpoint_every_steps = 200
+        c.eval_every_steps = 200
+        c.log_every_steps = 50
     elif variant == "paper":
         c.model = _model(DeltaEncoderConfig.paper())
         c.siglip = ml_collections.ConfigDict({"image_size": 384, "patch_size": 14, "hidden_size": 1152,

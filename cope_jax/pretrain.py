@@ -101,13 +101,15 @@ def make_functions(model_graph, siglip_graph, tx):
         prev_tokens = jax.lax.stop_gradient(siglip(normalize(batch["prev_rgb"])))
         target = jax.lax.stop_gradient(siglip(normalize(batch["rgb"]))).astype(jnp.float32)
         predicted = model(prev_tokens, batch["mv"], batch["residual"]).astype(jnp.float32)
-        return jnp.mean((predicted - target) ** 2)
+        # What copying frame t-1's tokens would score: the bar the Δ path has to beat.
+        copy_loss = jnp.mean((prev_tokens.astype(jnp.float32) - target) ** 2)
+        return jnp.mean((predicted - target) ** 2), copy_loss
 
     def train_step(params, opt_state, rest, siglip_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, siglip_state, batch)
+        (loss, copy_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, siglip_state, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax_global_norm(grads)}
+        return params, opt_state, {"loss": loss, "copy_loss": copy_loss, "grad_norm": optax_global_norm(grads)}
 
     def siglip_tokens(siglip_state, rgb):
         return nnx.merge(siglip_graph, siglip_state)(normalize(rgb)).astype(jnp.float32)
@@ -189,7 +191,7 @@ def train(config, workdir: str) -> dict:
     order_log = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.get("record_data_order") else None
     stop = training.StopRequest()
     meter = training.Throughput(step, config.total_steps, config.batch_size)
-    history = []
+    history, window = [], []
     try:
         while step < config.total_steps:
             local = next(iterator)
@@ -198,14 +200,16 @@ def train(config, workdir: str) -> dict:
                 order_log.flush()
             batch = training.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
             stage.params, opt_state, step_metrics = stage.train_step(stage.params, opt_state, stage.rest, stage.siglip_state, batch)
+            window.append(step_metrics)  # device arrays: no host sync until the log line
             step += 1
             if step % config.log_every_steps == 0 or step == config.total_steps:
-                values = {k: float(v) for k, v in step_metrics.items()}
+                values = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}  # window means
+                window = []
                 values["learning_rate"] = float(stage.schedule(step))
                 values.update(meter.update(step))
                 history.append((step, values["loss"]))
                 writer.write(step, {f"train/{k}": v for k, v in values.items()})
-                log(f"step {step}/{config.total_steps}  loss {values['loss']:.5f}  lr {values['learning_rate']:.2e}  "
+                log(f"step {step}/{config.total_steps}  loss {values['loss']:.5f} (copy-previous {values['copy_loss']:.5f})  lr {values['learning_rate']:.2e}  "
                     f"grad_norm {values['grad_norm']:.3f}  {values['steps_per_second']:.2f} steps/s  "
                     f"{values['examples_per_second']:.1f} examples/s  ETA {training.format_eta(values['eta_seconds'])}")
             ckpt.save(step, stage.params, opt_state, iterator)

@@ -31,6 +31,7 @@ def _common() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.eval_max_videos = 16
     c.data_workers = 0  # grain worker processes per host (0: in the training process)
+    c.record_data_order = False  # append each step's (video, step) pairs to <workdir>/data_order.jsonl
     c.learning_rate = 1e-4
     c.warmup_steps = 100
     c.weight_decay = 0.05

@@ -117,7 +117,8 @@ def make_functions(model_graph, siglip_graph, tx):
     def predict(params, rest, prev_tokens, mv, residual):
         return nnx.merge(model_graph, params, rest)(prev_tokens, mv, residual).astype(jnp.float32)
 
-    return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(siglip_tokens), jax.jit(predict))
+    return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(siglip_tokens), jax.jit(predict),
+            jax.jit(jax.value_and_grad(loss_fn, has_aux=True)))
 
 
 def optax_global_norm(tree) -> jax.Array:
@@ -156,7 +157,8 @@ class Stage:
         self.model_graph, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.siglip_graph, self.siglip_state = nnx.split(self.siglip)
         self.tx, self.schedule = training.make_optimizer(config)
-        self.train_step, self.siglip_tokens, self.predict = make_functions(self.model_graph, self.siglip_graph, self.tx)
+        self.train_step, self.siglip_tokens, self.predict, self.loss_and_grad = make_functions(
+            self.model_graph, self.siglip_graph, self.tx)
         self.loader = loaders.pair_loader(self.source, global_batch_size=config.batch_size, seed=config.seed,
                                           workers=config.data_workers, process_index=jax.process_index(),
                                           process_count=jax.process_count())

@@ -35,8 +35,12 @@ def check_positive(config, *fields: str) -> None:
 
 def build_mesh(config) -> jax.sharding.Mesh:
     shape = {axis: int(size) for axis, size in dict(config.mesh).items()}
+    devices = jax.devices()
+    fixed = int(np.prod(list(shape.values())))
+    if -1 not in shape.values() and 0 < fixed < len(devices) and jax.process_count() == 1:
+        devices = devices[:fixed]  # a smaller mesh on one host, e.g. to compare against 1 device
     try:
-        return sharding.make_mesh(shape)
+        return sharding.make_mesh(shape, devices)
     except ValueError as e:
         raise ConfigError(f"config.mesh {shape}: {e} ({jax.device_count()} devices)") from None
 

@@ -24,3 +24,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_forward.py
 	$(VENV)/bin/python bench/bench_convert.py
 	$(VENV)/bin/python bench/bench_preprocess.py
+	$(VENV)/bin/python bench/bench_pretrain.py

@@ -11,6 +11,7 @@ Every field can be overridden with --config.<field>=<value>.
 
 import ml_collections
 
+from cope_jax import sharding
 from cope_jax.models.delta_encoder.modeling import DeltaEncoderConfig
 
 
@@ -42,6 +43,9 @@ def _common() -> ml_collections.ConfigDict:
     # Mesh axis sizes; -1 takes the remaining devices. Batches split over data x fsdp; weights
     # over fsdp (and tensor) by their logical axis names.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Logical axis name -> mesh axes (a name, a list of names, or None = replicated). Every weight
+    # carries logical names (embed, mlp, heads, conv_in, conv_out, ...).
+    c.logical_rules = ml_collections.ConfigDict({logical: axes for logical, axes in sharding.DEFAULT_RULES})
     # Frozen SigLIP: a converted checkpoint (python -m cope_jax.convert) of SigLIP or of a whole
     # LLaVA-Video / CoPE model, whose 26-layer tower is used as the VLM uses it. Empty: a small
     # random tower built from `siglip` below (tiny runs only; the run says so).

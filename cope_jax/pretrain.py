@@ -149,7 +149,8 @@ class Stage:
         first = self.source.records.header(0)
         if first["height"] != model_config.image_size:
             raise ConfigError(f"{self.data_dir}: records are {first['height']} px, config.model.image_size is {model_config.image_size}")
-        model = sharding.create_sharded(lambda: DeltaPretrainer(model_config, dtype=compute, rngs=nnx.Rngs(config.seed)), self.mesh)
+        model = sharding.create_sharded(lambda: DeltaPretrainer(model_config, dtype=compute, rngs=nnx.Rngs(config.seed)),
+                                        self.mesh, training.logical_rules(config))
         if config.resnet_checkpoint:
             load_resnet_trunk(model, config.resnet_checkpoint)
         self.encoder_parameters = parameter_count(model.delta_encoder)

@@ -45,6 +45,17 @@ def build_mesh(config) -> jax.sharding.Mesh:
         raise ConfigError(f"config.mesh {shape}: {e} ({jax.device_count()} devices)") from None
 
 
+def logical_rules(config) -> tuple:
+    """config.logical_rules ({logical: mesh axis | [axes] | None}) -> the rules sharding.py takes."""
+    rules = []
+    for logical, axes in dict(config.logical_rules).items():
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        if axes is not None and not isinstance(axes, (str, tuple)):
+            raise ConfigError(f"config.logical_rules.{logical}: expected a mesh axis name, a list of them or None, got {axes!r}")
+        rules.append((logical, axes))
+    return tuple(rules)
+
+
 def batch_sharding(mesh) -> NamedSharding:
     axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     return NamedSharding(mesh, PartitionSpec(axes))

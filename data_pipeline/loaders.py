@@ -13,6 +13,7 @@ import json
 import os
 
 import grain.python as grain
+from absl import flags
 import numpy as np
 
 from data_pipeline import records
@@ -55,10 +56,16 @@ class PairSource(grain.RandomAccessDataSource):
 
 def pair_loader(source: PairSource, *, global_batch_size: int, seed: int, workers: int, process_index: int = 0,
                 process_count: int = 1) -> grain.DataLoader:
-    """Infinite, deterministic given the seed: a global permutation per epoch, then every process
-    takes its own slice, in batches of global_batch_size / process_count."""
+    """Infinite, deterministic given the seed and `workers`: a global permutation per epoch, then
+    every process takes its own slice, in batches of global_batch_size / process_count. (grain
+    batches inside each worker process, so a different `workers` gives another, equally
+    shuffled, order; resuming needs the same value, which the config fixes.)"""
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    if workers and not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside an absl app (a notebook, pytest) nobody
+        # parsed them, so take the defaults instead of failing.
+        flags.FLAGS.mark_as_parsed()
     sampler = grain.IndexSampler(
         num_records=len(source), shuffle=True, seed=seed, num_epochs=None,
         shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True))

@@ -3,6 +3,7 @@ kill -9, 8-device step == 1-device step, clear errors for bad configs."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -182,3 +183,63 @@ def test_resnet_trunk_from_a_converted_checkpoint(data_dir, tmp_path):
     stage = pretrain.Stage(tiny_config(data_dir, resnet_checkpoint=str(tmp_path / "resnet")), str(tmp_path))
     model = nnx.merge(stage.model_graph, stage.params, stage.rest)
     np.testing.assert_array_equal(np.asarray(model.delta_encoder.residual_trunk.conv1.kernel[...]), np.asarray(trunk.conv1.kernel[...]))
+
+
+def test_sigterm_saves_and_the_checkpoint_restores_on_another_mesh(data_dir, tmp_path):
+    """SIGTERM mid-run: a clean exit with a checkpoint of that step; `--mode=eval` then restores it
+    onto 8 devices (it was written from 1) and runs retrieval."""
+    workdir = str(tmp_path / "run")
+    flags = [f"--workdir={workdir}", "--config=configs/pretrain.py:tiny", f"--config.data_dir={data_dir}",
+             "--config.log_every_steps=1", "--config.eval_every_steps=100000", "--config.eval_max_videos=1",
+             "--config.total_steps=100000", "--config.checkpoint_every_steps=100000"]
+    process = subprocess.Popen([sys.executable, "-m", "cope_jax.main", *flags, "--config.mesh.data=1"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0 and "SIGTERM: saving step" in output, output[-2000:]
+    saved = int(output.split("SIGTERM: saving step ")[1].split()[0])
+    assert saved >= 3 and os.path.isdir(os.path.join(workdir, "checkpoints", str(saved)))
+    result = subprocess.run([sys.executable, "-m", "cope_jax.main", *flags, "--config.mesh.data=8", "--mode=eval"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"evaluating step {saved}" in result.stdout and "next-frame retrieval" in result.stdout, result.stdout[-2000:]
+
+
+def test_frozen_siglip_from_a_converted_hf_checkpoint(data_dir, tmp_path):
+    """The target tower comes from `python -m cope_jax.convert` output of an HF SiglipVisionModel,
+    and its tokens are what the HF module computes."""
+    import torch
+    import transformers
+
+    from cope_jax import convert
+
+    hf_config = transformers.SiglipVisionConfig(image_size=64, patch_size=16, hidden_size=48, intermediate_size=96,
+                                                num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    hf = transformers.SiglipVisionModel(hf_config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert convert.main(["--source", str(tmp_path / "hf"), "--output", str(tmp_path / "jax")]) == 0
+    stage = pretrain.Stage(tiny_config(data_dir, siglip_checkpoint=str(tmp_path / "jax")), str(tmp_path / "work"))
+    rgb = next(iter(stage.loader))["rgb"][:2]
+    ours = np.asarray(stage.siglip_tokens(stage.siglip_state, rgb))
+    pixels = torch.from_numpy((rgb.astype(np.float32) / 255 - 0.5) / 0.5).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        reference = hf(pixel_values=pixels).last_hidden_state.numpy()
+    np.testing.assert_allclose(ours, reference, atol=1e-4 * np.abs(reference).max())
+
+
+def test_loader_is_deterministic_with_worker_processes(data_dir):
+    from data_pipeline import loaders
+
+    source = loaders.PairSource(data_dir)
+    batches = []
+    for workers in (2, 2, 0):  # grain batches inside each worker: the order depends on the worker count
+        iterator = iter(loaders.pair_loader(source, global_batch_size=4, seed=3, workers=workers))
+        batches.append([np.stack([b["video"], b["step"]], 1).tolist() for b in (next(iterator) for _ in range(5))])
+    assert batches[0] == batches[1]
+    all_pairs = sorted(map(tuple, source.pairs.tolist()))
+    seen = [tuple(p) for batch in batches[0] for p in batch]
+    assert len(set(seen)) == len(seen) and set(seen) <= set(all_pairs)  # a permutation: no repeats within an epoch

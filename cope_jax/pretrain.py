@@ -180,7 +180,7 @@ def train(config, workdir: str) -> dict:
     log(f"Δ-encoder: {stage.encoder_parameters / 1e6:.2f}M parameters (+ {stage.heads_parameters / 1e6:.2f}M in the "
         f"pretraining heads); mesh {dict(stage.mesh.shape)}; {len(stage.source)} training pairs from {stage.data_dir}")
     params_sh = jax.tree.map(lambda x: x.sharding, stage.params)
-    opt_state = jax.jit(stage.tx.init, out_shardings=None)(stage.params)
+    opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     iterator = iter(stage.loader)
     ckpt = training.Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
@@ -247,8 +247,8 @@ def evaluate_only(config, workdir: str) -> dict:
         log(f"no checkpoint in {ckpt.directory}: evaluating freshly initialised weights")
     else:
         params_sh = jax.tree.map(lambda x: x.sharding, stage.params)
-        opt_state = jax.eval_shape(stage.tx.init, stage.params)
-        opt_sh = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), opt_state)
+        opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
+        opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
         stage.params, _ = ckpt.restore(latest, training.abstract_like(stage.params, params_sh),
                                        training.abstract_like(opt_state, opt_sh), iter(stage.loader))
         log(f"evaluating step {latest}")

@@ -81,6 +81,15 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     return tx, schedule
 
 
+def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
+    """Optimizer state on the mesh: moments follow their parameters' shardings (jit propagates
+    them); leaves jit leaves on one device (step counters) are replicated over the mesh, so a
+    restore onto another device count has one consistent placement."""
+    state = jax.jit(tx.init)(params)
+    devices, replicated = set(mesh.devices.flat), NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if x.sharding.device_set == devices else jax.device_put(x, replicated), state)
+
+
 class Checkpoints:
     def __init__(self, workdir: str, keep: int, every: int):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")

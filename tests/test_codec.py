@@ -25,7 +25,8 @@ def covered(height, width, dx, dy, fusion):
             & (rows - dy * fusion >= margin) & (rows - dy * fusion < height - margin))
 
 
-@pytest.mark.parametrize("codec_name,options", [("libx264", {"bf": "2"}), ("mpeg4", None), ("libvpx-vp9", None)])
+@pytest.mark.parametrize("codec_name,options", [("libx264", {"bf": "2"}), ("mpeg4", None), ("libvpx-vp9", None),
+                                                ("libsvtav1", {"preset": "12"})])
 @pytest.mark.parametrize("dx,dy", [(2, 0), (-2, 0), (0, 1), (0, -3), (1, -1)])
 def test_fused_motion_matches_known_pan(tmp_path, codec_name, options, dx, dy):
     path = videos.write(str(tmp_path / "pan.mkv"), videos.pan(31, 128, 128, dx, dy), codec_name, options=options)

@@ -185,27 +185,37 @@ def test_resnet_trunk_from_a_converted_checkpoint(data_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(model.delta_encoder.residual_trunk.conv1.kernel[...]), np.asarray(trunk.conv1.kernel[...]))
 
 
-def test_sigterm_saves_and_the_checkpoint_restores_on_another_mesh(data_dir, tmp_path):
-    """SIGTERM mid-run: a clean exit with a checkpoint of that step; `--mode=eval` then restores it
-    onto 8 devices (it was written from 1) and runs retrieval."""
+def _run_until_sigterm(flags, at_line):
+    """Runs the CLI, sends SIGTERM once `at_line` is logged; returns the step it saved."""
+    process = subprocess.Popen([sys.executable, "-m", "cope_jax.main", *flags], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(at_line):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = "".join(seen) + process.communicate(timeout=300)[0]
+    assert process.returncode == 0 and "SIGTERM: saving step" in output, output[-2000:]
+    return int(output.split("SIGTERM: saving step ")[1].split()[0]), output
+
+
+def test_sigterm_saves_and_checkpoints_move_between_1_and_8_devices(data_dir, tmp_path):
+    """SIGTERM mid-run exits cleanly with a checkpoint of that step. A run written on 1 device
+    resumes on 8 (and is stopped the same way), and `--mode=eval` restores that 8-device
+    checkpoint on 1 device."""
     workdir = str(tmp_path / "run")
     flags = [f"--workdir={workdir}", "--config=configs/pretrain.py:tiny", f"--config.data_dir={data_dir}",
              "--config.log_every_steps=1", "--config.eval_every_steps=100000", "--config.eval_max_videos=1",
              "--config.total_steps=100000", "--config.checkpoint_every_steps=100000"]
-    process = subprocess.Popen([sys.executable, "-m", "cope_jax.main", *flags, "--config.mesh.data=1"], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith("step 3/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 0 and "SIGTERM: saving step" in output, output[-2000:]
-    saved = int(output.split("SIGTERM: saving step ")[1].split()[0])
-    assert saved >= 3 and os.path.isdir(os.path.join(workdir, "checkpoints", str(saved)))
-    result = subprocess.run([sys.executable, "-m", "cope_jax.main", *flags, "--config.mesh.data=8", "--mode=eval"],
+    first, _ = _run_until_sigterm([*flags, "--config.mesh.data=1"], "step 3/")
+    assert first >= 3 and os.path.isdir(os.path.join(workdir, "checkpoints", str(first)))
+    second, output = _run_until_sigterm([*flags, "--config.mesh.data=8"], f"step {first + 2}/")
+    assert f"resumed from step {first}" in output and second >= first + 2
+    result = subprocess.run([sys.executable, "-m", "cope_jax.main", *flags, "--config.mesh.data=1", "--mode=eval"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"evaluating step {saved}" in result.stdout and "next-frame retrieval" in result.stdout, result.stdout[-2000:]
+    assert f"evaluating step {second}" in result.stdout and "next-frame retrieval" in result.stdout, result.stdout[-2000:]
 
 
 def test_frozen_siglip_from_a_converted_hf_checkpoint(data_dir, tmp_path):

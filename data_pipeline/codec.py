@@ -97,8 +97,31 @@ def _reason(error: Exception) -> str:
     return getattr(error, "strerror", None) or str(error)
 
 
-def _decode_errors(logs) -> list[str]:
-    return [message.strip() for level, _, message in logs if level <= av.logging.ERROR]
+class _DecoderErrors:
+    """FFmpeg's own error log while decoding one video. H.264 decoders conceal corrupt slices and
+    carry on, logging "error while decoding MB ..." but raising nothing: without this, a damaged
+    file would become a silently wrong record."""
+
+    def __init__(self):
+        level = av.logging.get_level()
+        if level is None or level < av.logging.ERROR:  # PyAV forwards nothing by default
+            av.logging.set_level(av.logging.ERROR)
+        av.logging.set_skip_repeated(False)  # else a message seen for an earlier video is swallowed
+        self.capture = av.logging.Capture(local=False)  # decoder threads log too
+        self.checked = 0
+
+    def __enter__(self):
+        self.logs = self.capture.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.capture.__exit__(*exc)
+
+    def first_new(self) -> str | None:
+        """The first error logged since the last call, if any."""
+        new = self.logs[self.checked:]
+        self.checked += len(new)
+        return next((message.strip() for level, _, message in new if level <= av.logging.ERROR), None)
 
 
 def source_frames(path: str, settings: Settings) -> Iterator[tuple[float, av.VideoFrame]]:
@@ -109,46 +132,56 @@ def source_frames(path: str, settings: Settings) -> Iterator[tuple[float, av.Vid
     variable-frame-rate inputs. Decoder errors (concealed corruption) reject the video.
     """
     fps = Fraction(settings.fps).limit_denominator(1001 * 1000)
+    with _DecoderErrors() as errors:
+        try:
+            container = av.open(path)
+        except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
+            detail = errors.first_new() or _reason(e)
+            raise VideoError(f"cannot open (not a video, or truncated before its index): {detail}") from None
+        with container:
+            yield from _resampled(container, path, settings, fps, errors)
+
+
+def _resampled(container, path: str, settings: Settings, fps: Fraction, errors: _DecoderErrors):
+    if not container.streams.video:
+        raise VideoError("no video stream (audio-only or not a video)")
+    stream = container.streams.video[0]
+    time_base = stream.time_base or Fraction(1, 90000)
+    default_duration = 1 / (stream.average_rate or stream.guessed_rate or fps)
+    first = pending = pending_time = None
+    scaler = VideoReformatter()
+    emitted = 0
     try:
-        container = av.open(path)
-    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise VideoError(f"cannot open (not a video, or truncated before its index): {_reason(e)}") from None
-    with container:
-        if not container.streams.video:
-            raise VideoError("no video stream (audio-only or not a video)")
-        stream = container.streams.video[0]
-        time_base = stream.time_base or Fraction(1, 90000)
-        default_duration = 1 / (stream.average_rate or stream.guessed_rate or fps)
-        first = pending = pending_time = None
-        scaler = VideoReformatter()
-        emitted = 0
-        with av.logging.Capture() as logs:
-            try:
-                for frame in container.decode(stream):
-                    if errors := _decode_errors(logs):
-                        raise VideoError(f"corrupt stream near {float(pending_time or 0):.2f}s: {errors[0]}")
-                    if frame.pts is None:
-                        raise VideoError("frame without a presentation timestamp")
-                    time = frame.pts * time_base
-                    first = time if first is None else first
-                    time -= first
-                    if pending is not None and time <= pending_time:
-                        continue  # duplicate or out-of-order timestamp: keep the frame shown first
-                    while pending is not None and Fraction(emitted) / fps < time:
-                        yield float(Fraction(emitted) / fps), pending
-                        emitted += 1
-                    pending, pending_time = _upright(frame, settings.size, scaler), time
-            except av.error.FFmpegError as e:
-                raise VideoError(f"undecodable after {emitted} frames: {_reason(e)}") from None
-            if errors := _decode_errors(logs):
-                raise VideoError(f"corrupt stream at the end: {errors[0]}")
-        if pending is None:
-            raise VideoError("no decodable video frames")
-        _check_complete(_declared_seconds(container, stream, time_base), pending_time)
-        end = pending_time + default_duration
-        while Fraction(emitted) / fps < end:
-            yield float(Fraction(emitted) / fps), pending
-            emitted += 1
+        for frame in container.decode(stream):
+            if error := errors.first_new():
+                raise _stream_error(error, pending_time)
+            if frame.pts is None:
+                raise VideoError("frame without a presentation timestamp")
+            time = frame.pts * time_base
+            first = time if first is None else first
+            time -= first
+            if pending is not None and time <= pending_time:
+                continue  # duplicate or out-of-order timestamp: keep the frame shown first
+            while pending is not None and Fraction(emitted) / fps < time:
+                yield float(Fraction(emitted) / fps), pending
+                emitted += 1
+            pending, pending_time = _upright(frame, settings.size, scaler), time
+    except av.error.FFmpegError as e:
+        raise VideoError(f"undecodable after {emitted} frames: {errors.first_new() or _reason(e)}") from None
+    if error := errors.first_new():
+        raise _stream_error(error, pending_time)
+    if pending is None:
+        raise VideoError("no decodable video frames")
+    _check_complete(_declared_seconds(container, stream, time_base), pending_time)
+    end = pending_time + default_duration
+    while Fraction(emitted) / fps < end:
+        yield float(Fraction(emitted) / fps), pending
+        emitted += 1
+
+
+def _stream_error(message: str, at) -> VideoError:
+    kind = "truncated" if "prematurely" in message or "truncat" in message.lower() else "corrupt stream"
+    return VideoError(f"{kind} near {float(at or 0):.2f}s: {message}")
 
 
 def _declared_seconds(container, stream, time_base) -> float | None:

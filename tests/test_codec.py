@@ -172,3 +172,22 @@ def test_settings_are_checked():
         codec.Settings(gop=240, fusion=7).check()
     with pytest.raises(ValueError, match="multiple of 16"):
         codec.Settings(size=100).check()
+
+
+def test_concealed_corruption_is_rejected(tmp_path):
+    """Bit flips inside H.264 slices: FFmpeg conceals them (every frame still decodes, no
+    exception) and only logs errors. The record must not be made from concealed frames."""
+    path = videos.write(str(tmp_path / "damaged.mp4"), videos.pan(150, 128, 128, 1, 0), "libx264",
+                        options={"bf": "0", "g": "300"})
+    data = bytearray(open(path, "rb").read())
+    mdat = data.index(b"mdat")
+    size = int.from_bytes(data[mdat - 4: mdat], "big")
+    for fraction in np.random.default_rng(0).uniform(0.2, 0.9, 3):
+        at = mdat + int(size * fraction)
+        data[at] ^= 0xFF
+        data[at + 5] ^= 0x55
+    open(path, "wb").write(bytes(data))
+    with av.open(path) as container:  # plain decoding accepts it: all frames, no error raised
+        assert sum(1 for _ in container.decode(video=0)) == 150
+    with pytest.raises(codec.VideoError, match="corrupt stream"):
+        steps_of(path)

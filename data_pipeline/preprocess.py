@@ -266,7 +266,9 @@ def run(args: argparse.Namespace) -> dict:
     ok = failed = 0
     video_seconds = 0.0
     results = _results(work, settings, args.workers)
-    with tqdm(total=len(work), unit="video", disable=args.quiet, dynamic_ncols=True) as bar:
+    # In a log file (SLURM, nohup) redraw every 30 s, not every 0.1 s.
+    with tqdm(total=len(work), unit="video", disable=args.quiet, dynamic_ncols=True,
+              mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for shard in pending:
             writer = ShardWriter(args.output, shard, args.num_shards, settings, by_shard[shard])
             for entry in by_shard[shard]:
@@ -278,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
                     ok += 1
                     video_seconds += result["video"]["seconds"]
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{video_seconds * settings.fps / elapsed:.0f} frames/s, {failed} failed")
+                bar.set_postfix_str(f"{video_seconds * settings.fps / elapsed:.0f} frames/s, {failed} failed", refresh=False)
                 bar.update()
             writer.commit()
     manifest = write_manifest(args.output, args.num_shards, settings)

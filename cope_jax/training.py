@@ -92,6 +92,7 @@ def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
 
 class Checkpoints:
     def __init__(self, workdir: str, keep: int, every: int):
+        self.every = every
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
                                                enable_async_checkpointing=True)
@@ -102,7 +103,7 @@ class Checkpoints:
 
     def save(self, step: int, params, opt_state, data_iterator, *, force: bool = False) -> bool:
         """Saves when `step` is due (or `force`); a step already saved is left as it is."""
-        if step in self.manager.all_steps():
+        if (step % self.every and not force) or step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                                   data=grain.PyGrainCheckpointSave(data_iterator))

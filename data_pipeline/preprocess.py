@@ -112,9 +112,9 @@ def process(item: tuple[Input, codec.Settings]) -> dict:
     try:
         if os.path.getsize(entry.path) == 0:
             return {"error": "empty file (0 bytes)"}
-        frames = [0]
+        frames, steps_count = [0], [0]
         source = _counted(codec.source_frames(entry.path, settings), frames)
-        steps = codec.steps(codec.canonical_frames(source, settings), settings)
+        steps = _counted(codec.steps(codec.canonical_frames(source, settings), settings), steps_count)
         meta = {"video_id": entry.video_id, "source": entry.path, "fps": settings.fps, "gop": settings.gop,
                 "fusion": settings.fusion, "height": settings.size, "width": settings.size,
                 "mv_block": settings.mv_block}
@@ -125,9 +125,7 @@ def process(item: tuple[Input, codec.Settings]) -> dict:
         return {"error": f"cannot read: {e.strerror or e}"}
     except Exception as e:  # a bug or an FFmpeg surprise must not end the job; it is reported, not hidden
         return {"error": f"internal error ({type(e).__name__}: {e})"}
-    header, _ = records.read_header(data)
-    steps_count = len(header["timestamps"])
-    return {"record": data, "video": {"video_id": entry.video_id, "source": entry.path, "steps": steps_count,
+    return {"record": data, "video": {"video_id": entry.video_id, "source": entry.path, "steps": steps_count[0],
                                       "frames": frames[0], "seconds": round(frames[0] / settings.fps, 3),
                                       "bytes": len(data)}, "seconds": time.perf_counter() - started}
 

@@ -69,7 +69,7 @@ def test_warp_convention():
     mv[..., 0] = 2  # content moved right by 2: p takes prev[p - 2], clamped at the left edge
     warped = primitives.warp(prev, mv)
     assert np.array_equal(warped[:, 2:], prev[:, :-2]) and np.array_equal(warped[:, :2], prev[:, :1].repeat(2, 1))
-    mv[..., 0], mv[..., 1] = 0, -1.5  # -1.5 rounds half up to -1: p takes prev[p + 1]... row +2 via floor(y+1.5+0.5)
+    mv[..., 0], mv[..., 1] = 0, -1.5  # content moved up 1.5 px: row y takes prev[nearest(y + 1.5)] = prev[y + 2] (halves round up)
     assert np.array_equal(primitives.warp(prev, mv)[:3], prev[2:5])
     with pytest.raises(ValueError):
         primitives.warp(prev, mv[:4])

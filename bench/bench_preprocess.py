@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine, median_seconds  # noqa: E402
-from data_pipeline import codec, preprocess, primitives, records  # noqa: E402
+from data_pipeline import codec, preprocess, primitives, records, synthetic  # noqa: E402
 
 CLIPS = ["bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"]
 
@@ -75,12 +74,9 @@ print(result["video"]["seconds"], next(l.split()[1] for l in open("/proc/self/st
 
 def peak_memory(seconds: int, work: str) -> tuple[float, int]:
     """Peak RSS (KiB) of processing a synthetic `seconds`-long 640x360 pan, in a fresh process."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    import videos
-
     path = os.path.join(work, f"long_{seconds}.mp4")
-    frames = videos.pan(seconds * 30, 360, 640, 1, 0)
-    videos.write(path, frames, "libx264", options={"preset": "ultrafast"})
+    frames = synthetic.pan(seconds * 30, 360, 640, 1, 0)
+    synthetic.write(path, frames, "libx264", options={"preset": "ultrafast"})
     del frames
     out = subprocess.run([sys.executable, "-c", PEAK, path], check=True, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()

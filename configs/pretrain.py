@@ -9,10 +9,13 @@ Variants: `tiny` (2-core CPU, minutes, built-in demo clips, small random SigLIP)
 Every field can be overridden with --config.<field>=<value>.
 """
 
+import dataclasses
+
 import ml_collections
 
 from cope_jax import sharding
 from cope_jax.models.delta_encoder.modeling import DeltaEncoderConfig
+from cope_jax.models.siglip.modeling import SiglipVisionConfig
 
 
 def _common() -> ml_collections.ConfigDict:
@@ -50,26 +53,24 @@ def _common() -> ml_collections.ConfigDict:
     # LLaVA-Video / CoPE model, whose 26-layer tower is used as the VLM uses it. Empty: a small
     # random tower built from `siglip` below (tiny runs only; the run says so).
     c.siglip_checkpoint = ""
-    c.siglip = ml_collections.ConfigDict({"image_size": 64, "patch_size": 16, "hidden_size": 48,
-                                          "intermediate_size": 96, "num_hidden_layers": 2,
-                                          "num_attention_heads": 4, "use_post_layernorm": False})
+    c.siglip = _fields(SiglipVisionConfig(image_size=64, patch_size=16, hidden_size=48, intermediate_size=96,
+                                          num_hidden_layers=2, num_attention_heads=4, use_post_layernorm=False))
     # Δ-encoder: start the residual trunk from a converted ResNet-18 (python -m cope_jax.convert)
     # or from scratch (empty).
     c.resnet_checkpoint = ""
     return c
 
 
-def _model(config: DeltaEncoderConfig) -> ml_collections.ConfigDict:
-    fields = {k: v for k, v in config.__dict__.items() if k != "resnet"}
-    fields["resnet"] = dict(config.resnet.__dict__)
-    return ml_collections.ConfigDict(fields)
+def _fields(config) -> ml_collections.ConfigDict:
+    """A model config dataclass (nested ones included) as overridable config fields."""
+    return ml_collections.ConfigDict(dataclasses.asdict(config))
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c = _common()
     c.variant = variant
     if variant == "tiny":
-        c.model = _model(DeltaEncoderConfig.tiny())
+        c.model = _fields(DeltaEncoderConfig.tiny())
         c.total_steps = 600  # about a minute on 2 CPU cores
         c.batch_size = 8
         c.learning_rate = 1e-3
@@ -78,10 +79,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.eval_every_steps = 200
         c.log_every_steps = 50
     elif variant == "paper":
-        c.model = _model(DeltaEncoderConfig.paper())
-        c.siglip = ml_collections.ConfigDict({"image_size": 384, "patch_size": 14, "hidden_size": 1152,
-                                              "intermediate_size": 4304, "num_hidden_layers": 26,
-                                              "num_attention_heads": 16, "use_post_layernorm": False})
+        c.model = _fields(DeltaEncoderConfig.paper())
+        c.siglip = _fields(SiglipVisionConfig.llava_video_tower())
         c.total_steps = 113_000  # App. C: 113K iterations
         c.batch_size = 1024
         # App. C: "per-GPU learning rate 6.25e-5" on 16 GPUs; we read it as linearly scaled,

@@ -13,11 +13,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from cope_jax import checkpoints, metrics, retrieval, sharding, training
 from cope_jax.models.delta_encoder.modeling import DeltaEncoderConfig, DeltaPretrainer, parameter_count
-from cope_jax.models.resnet.modeling import ResNetConfig
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
 from cope_jax.training import ConfigError
 from data_pipeline import loaders, records
@@ -29,10 +29,8 @@ def log(message: str) -> None:
 
 
 def delta_config(config) -> DeltaEncoderConfig:
-    fields = dict(config.model)
-    fields["resnet"] = ResNetConfig(**dict(fields["resnet"]))
     try:
-        return DeltaEncoderConfig(**fields)
+        return DeltaEncoderConfig.from_dict(config.model.to_dict())
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
 
@@ -109,7 +107,7 @@ def make_functions(model_graph, siglip_graph, tx):
         (loss, copy_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, siglip_state, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
-        return params, opt_state, {"loss": loss, "copy_loss": copy_loss, "grad_norm": optax_global_norm(grads)}
+        return params, opt_state, {"loss": loss, "copy_loss": copy_loss, "grad_norm": optax.global_norm(grads)}
 
     def siglip_tokens(siglip_state, rgb):
         return nnx.merge(siglip_graph, siglip_state)(normalize(rgb)).astype(jnp.float32)
@@ -119,10 +117,6 @@ def make_functions(model_graph, siglip_graph, tx):
 
     return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(siglip_tokens), jax.jit(predict),
             jax.jit(jax.value_and_grad(loss_fn, has_aux=True)))
-
-
-def optax_global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 class Stage:
@@ -146,9 +140,9 @@ class Stage:
                               f"config.model ({model_config.image_size} px, width {model_config.width}) must agree")
         self.data_dir = prepare_data(config, workdir)
         self.source = loaders.PairSource(self.data_dir)
-        first = self.source.records.header(0)
-        if first["height"] != model_config.image_size:
-            raise ConfigError(f"{self.data_dir}: records are {first['height']} px, config.model.image_size is {model_config.image_size}")
+        if self.source.settings["size"] != model_config.image_size:
+            raise ConfigError(f"{self.data_dir}: records are {self.source.settings['size']} px, "
+                              f"config.model.image_size is {model_config.image_size}")
         model = sharding.create_sharded(lambda: DeltaPretrainer(model_config, dtype=compute, rngs=nnx.Rngs(config.seed)),
                                         self.mesh, training.logical_rules(config))
         if config.resnet_checkpoint:
@@ -179,16 +173,13 @@ def train(config, workdir: str) -> dict:
     stage = Stage(config, workdir)
     log(f"Δ-encoder: {stage.encoder_parameters / 1e6:.2f}M parameters (+ {stage.heads_parameters / 1e6:.2f}M in the "
         f"pretraining heads); mesh {dict(stage.mesh.shape)}; {len(stage.source)} training pairs from {stage.data_dir}")
-    params_sh = jax.tree.map(lambda x: x.sharding, stage.params)
     opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     iterator = iter(stage.loader)
     ckpt = training.Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
     step = 0
     if (latest := ckpt.latest_step()) is not None:
-        params, opt_state = ckpt.restore(latest, training.abstract_like(stage.params, params_sh),
-                                         training.abstract_like(opt_state, opt_sh), iterator)
-        stage.params, step = params, latest
+        stage.params, opt_state = ckpt.restore(latest, stage.params, opt_state, iterator)
+        step = latest
         log(f"resumed from step {latest} ({ckpt.directory})")
     writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0)
     order_log = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.get("record_data_order") else None
@@ -246,11 +237,8 @@ def evaluate_only(config, workdir: str) -> dict:
     if (latest := ckpt.latest_step()) is None:
         log(f"no checkpoint in {ckpt.directory}: evaluating freshly initialised weights")
     else:
-        params_sh = jax.tree.map(lambda x: x.sharding, stage.params)
         opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
-        opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-        stage.params, _ = ckpt.restore(latest, training.abstract_like(stage.params, params_sh),
-                                       training.abstract_like(opt_state, opt_sh), iter(stage.loader))
+        stage.params, _ = ckpt.restore(latest, stage.params, opt_state, iter(stage.loader))
         log(f"evaluating step {latest}")
     result = stage.evaluate()
     ckpt.close()

@@ -109,9 +109,11 @@ class Checkpoints:
                                   data=grain.PyGrainCheckpointSave(data_iterator))
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
-                                  opt_state=ocp.args.StandardRestore(abstract_opt_state),
+    def restore(self, step: int, params, opt_state, data_iterator):
+        """Restores `step` with the shapes, dtypes and shardings of the given (current) trees,
+        and moves `data_iterator` to the saved position."""
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params)),
+                                  opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
                                   data=grain.PyGrainCheckpointRestore(data_iterator))
         restored = self.manager.restore(step, args=args)
         return restored["params"], restored["opt_state"]
@@ -124,8 +126,8 @@ class Checkpoints:
         self.manager.close()
 
 
-def abstract_like(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 class StopRequest:

@@ -272,18 +272,4 @@ def video_steps(path: str, settings: Settings) -> Iterator[Step]:
     return steps(canonical_frames(source_frames(path, settings), settings), settings)
 
 
-def probe_seconds(path: str) -> float | None:
-    """Declared duration, for progress estimates only (never trusted for correctness)."""
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                return None
-            stream = container.streams.video[0]
-            if stream.duration is not None:
-                return float(stream.duration * stream.time_base)
-            return container.duration / 1e6 if container.duration else None
-    except (av.error.FFmpegError, OSError):
-        return None
-
-
-__all__ = ["Settings", "Step", "VideoError", "source_frames", "canonical_frames", "steps", "video_steps", "probe_seconds"]
+__all__ = ["Settings", "Step", "VideoError", "source_frames", "canonical_frames", "steps", "video_steps"]

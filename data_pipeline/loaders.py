@@ -28,7 +28,8 @@ class PairSource(grain.RandomAccessDataSource):
             raise records.RecordError(f"{data_dir}: no manifest.json (not a finished preprocessing output)")
         with open(manifest_path) as f:
             manifest = json.load(f)
-        gop, fusion = manifest["settings"]["gop"], manifest["settings"]["fusion"]
+        self.settings = manifest["settings"]  # what preprocess wrote: size, fps, gop, fusion, ...
+        gop, fusion = self.settings["gop"], self.settings["fusion"]
         offsets, total = {}, 0
         for path in self.records.paths:  # records.open's order: sorted shards, records in write order
             offsets[os.path.basename(path)] = total

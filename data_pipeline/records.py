@@ -214,9 +214,6 @@ class Records:
     def raw(self, index: int) -> bytes:
         return self.source[index]
 
-    def header(self, index: int) -> dict:
-        return read_header(self.raw(index))[0]
-
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"record {index} out of range ({len(self)} records)")

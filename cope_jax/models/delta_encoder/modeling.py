@@ -19,10 +19,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from cope_jax.models.common import layer_norm, linear, resolve_dtype
+from cope_jax.models.common import layer_norm, linear, parameter_count, resolve_dtype  # noqa: F401 - re-exported
 from cope_jax.models.resnet.modeling import ResNet, ResNetConfig
 from cope_jax.models.siglip.modeling import SiglipEncoder, SiglipVisionConfig
 from cope_jax.sharding import initializer
@@ -72,7 +71,7 @@ class DeltaEncoderConfig:
     def residual_grid(self) -> int:
         side = -(-self.image_size // 2)  # stem conv, stride 2, padding 3
         side = -(-side // 2)  # max pool, stride 2, padding 1
-        for index in range(1, len(self.resnet.depths)):
+        for _ in self.resnet.depths[1:]:  # every stage after the first halves the grid
             side = -(-side // 2)
         return side
 
@@ -192,6 +191,3 @@ class DeltaPretrainer(nnx.Module):
         moved = self.reference(prev_tokens, delta[:, :k])
         return self.warped(moved, delta[:, k:])
 
-
-def parameter_count(module: nnx.Module) -> int:
-    return int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(module, nnx.Param))))

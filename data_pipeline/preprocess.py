@@ -9,6 +9,9 @@ derived on read). One record per video in `primitives-SSSSS-of-NNNNN.array_recor
 shards round-robin in sorted order, shards to tasks round-robin, so `--task-index/--num-tasks`
 (e.g. a SLURM array) split the work with no coordination and `records.open` reads the union.
 
+Exit status: 0 when done (bad videos are listed in errors.jsonl), 1 on bad arguments or when every
+video this run processed was rejected, 2 on bad flag values.
+
 Output directory:
   primitives-*.array_record   one record per good video (see data_pipeline/records.py)
   primitives-*.json           per-shard sidecar: settings, inputs, per-video counts, errors
@@ -22,6 +25,7 @@ and a killed run resumes to the same bytes as an uninterrupted one, whatever --w
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import glob
 import json
@@ -62,36 +66,80 @@ def _video_id(path: str, root: str) -> str:
     return os.path.splitext(relative)[0].replace(os.sep, "/")
 
 
+def _file_id(path: str) -> str:
+    """A single video's id: its file name without extension (no root to be relative to)."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _path_list(path: str) -> list[str] | None:
+    """The lines of a text file of paths, or None when the file is a video: a known video
+    extension, or bytes that are not UTF-8 text (a video with an odd extension). The head is
+    checked first so a large video is never read whole."""
+    if os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            return None
+        if b"\0" in head:
+            return None
+        data = head + f.read()
+    try:
+        text = data.decode("utf-8-sig")  # a BOM from a Windows editor is not part of the first path
+    except UnicodeDecodeError:
+        return None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _listed(spec: str, lines: list[str]) -> list[tuple[str, str]]:
+    """Entries of a path list, relative to the list's directory. A list none of whose paths exist
+    is a mistake (paths relative to the shell's directory, a stale list), not a dataset of bad
+    videos; a few missing ones are reported per video in errors.jsonl ("no such file")."""
+    base = os.path.dirname(os.path.abspath(spec))
+    lines = [os.path.expanduser(line) for line in lines]
+    listed = sorted((os.path.join(base, line), _video_id(os.path.normpath(line), "")) for line in lines)
+    if listed and not any(os.path.exists(path) for path, _ in listed):
+        raise InputError(f"--videos {spec}: none of its {len(listed)} listed paths exist (e.g. {listed[0][0]}); "
+                         "relative paths are read relative to the list's directory")
+    return listed
+
+
 def list_inputs(spec: str) -> list[tuple[str, str]]:
-    """(path, video_id) for a directory (recursive, by extension), a glob, or a text file of paths."""
+    """(path, video_id) for a directory (recursive, by extension), a single video file, a text file
+    of paths, or a glob."""
     if os.path.isdir(spec):
         paths = [os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
                  if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS]
         return sorted((p, _video_id(p, spec)) for p in paths)
+    if os.path.isfile(spec):  # before the glob test: an existing file named "clip[1].mp4" is that file
+        lines = _path_list(spec)
+        return [(spec, _file_id(spec))] if lines is None else _listed(spec, lines)
     if glob.has_magic(spec):
         root = spec.split("*")[0].split("?")[0].split("[")[0]
         root = root if root.endswith(os.sep) else os.path.dirname(root)
         paths = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
         return sorted((p, _video_id(p, root)) for p in paths)
-    if os.path.isfile(spec):
-        base = os.path.dirname(os.path.abspath(spec))
-        with open(spec) as f:
-            lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        return sorted((os.path.join(base, line), _video_id(os.path.normpath(line), "")) for line in lines)
-    raise InputError(f"--videos {spec}: not a directory, a glob or a file listing videos")
+    if not os.path.exists(spec):
+        raise InputError(f"--videos {spec}: no such file or directory")
+    raise InputError(f"--videos {spec}: not a directory, a video, a glob or a file listing videos")
 
 
-def plan(spec: str, num_shards: int) -> list[Input]:
-    """Every input of every task, in the order all tasks agree on, with its shard and duplicates."""
+def plan(spec: str, num_shards: int) -> tuple[list[Input], int]:
+    """Every input of every task, in the order all tasks agree on, with its shard and duplicates,
+    and the shard count: --num-shards, but never more shards than inputs (an empty shard is only
+    clutter). It depends on the input list and flags alone, so every task and every rerun agree."""
     listed = list_inputs(spec)
     if not listed:
         raise InputError(f"--videos {spec}: no videos found (extensions: {' '.join(sorted(VIDEO_EXTENSIONS))})")
+    num_shards = min(num_shards, len(listed))
     first_with_id: dict[str, str] = {}
     inputs = []
     for index, (path, video_id) in enumerate(listed):
         duplicate_of = first_with_id.setdefault(video_id, path)
         inputs.append(Input(path, video_id, index % num_shards, None if duplicate_of == path else duplicate_of))
-    return inputs
+    return inputs, num_shards
 
 
 # ---------------------------------------------------------------------------- one video
@@ -103,6 +151,42 @@ def _counted(frames: Iterator, counter: list) -> Iterator:
         yield item
 
 
+def _check_file(path: str) -> None:
+    """Reasons a path cannot be a video, found before FFmpeg gives a vaguer one."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise codec.VideoError("no such file") from None
+    except OSError as e:
+        raise codec.VideoError(f"cannot read: {e.strerror or e}") from None
+    if os.path.isdir(path):
+        raise codec.VideoError("a directory, not a video file")
+    if size == 0:
+        raise codec.VideoError("empty file (0 bytes)")
+
+
+def encode_video(path: str, settings: codec.Settings, video_id: str | None = None) -> tuple[bytes, dict]:
+    """One video file -> (its record bytes exactly as the job writes them, its per-video counts:
+    video_id, source, steps, frames, seconds, bytes). Writes nothing; `records.decode(bytes)` is the
+    DESIGN.md §3 dict. video_id defaults to the file name without extension.
+
+    Raises codec.VideoError, whose message is the one-line reason, for any input that cannot give
+    a correct record (missing, empty, not a video, truncated, corrupt ...); anything else is a bug."""
+    video_id = _file_id(path) if video_id is None else video_id
+    _check_file(path)
+    frames, steps_count = [0], [0]
+    meta = {"video_id": video_id, "source": path, "fps": settings.fps, "gop": settings.gop,
+            "fusion": settings.fusion, "height": settings.size, "width": settings.size, "mv_block": settings.mv_block}
+    try:
+        source = _counted(codec.source_frames(path, settings), frames)
+        steps = _counted(codec.steps(codec.canonical_frames(source, settings), settings), steps_count)
+        data = records.encode(meta, steps, settings.jpeg_qscale)
+    except OSError as e:  # the file vanished or the disk failed mid-read
+        raise codec.VideoError(f"cannot read: {e.strerror or e}") from None
+    return data, {"video_id": video_id, "source": path, "steps": steps_count[0], "frames": frames[0],
+                  "seconds": round(frames[0] / settings.fps, 3), "bytes": len(data)}
+
+
 def process(item: tuple[Input, codec.Settings]) -> dict:
     """One input -> {"record": bytes, "video": counts} or {"error": reason}. Never raises."""
     entry, settings = item
@@ -110,24 +194,12 @@ def process(item: tuple[Input, codec.Settings]) -> dict:
     if entry.duplicate_of is not None:
         return {"error": f"duplicate video id {entry.video_id!r} (kept {entry.duplicate_of})"}
     try:
-        if os.path.getsize(entry.path) == 0:
-            return {"error": "empty file (0 bytes)"}
-        frames, steps_count = [0], [0]
-        source = _counted(codec.source_frames(entry.path, settings), frames)
-        steps = _counted(codec.steps(codec.canonical_frames(source, settings), settings), steps_count)
-        meta = {"video_id": entry.video_id, "source": entry.path, "fps": settings.fps, "gop": settings.gop,
-                "fusion": settings.fusion, "height": settings.size, "width": settings.size,
-                "mv_block": settings.mv_block}
-        data = records.encode(meta, steps, settings.jpeg_qscale)
+        data, video = encode_video(entry.path, settings, entry.video_id)
     except codec.VideoError as e:
         return {"error": str(e)}
-    except OSError as e:
-        return {"error": f"cannot read: {e.strerror or e}"}
     except Exception as e:  # a bug or an FFmpeg surprise must not end the job; it is reported, not hidden
         return {"error": f"internal error ({type(e).__name__}: {e})"}
-    return {"record": data, "video": {"video_id": entry.video_id, "source": entry.path, "steps": steps_count[0],
-                                      "frames": frames[0], "seconds": round(frames[0] / settings.fps, 3),
-                                      "bytes": len(data)}, "seconds": time.perf_counter() - started}
+    return {"record": data, "video": video, "seconds": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------------- shards
@@ -194,6 +266,15 @@ class ShardWriter:
         _write_json(_sidecar(self.path), self.sidecar)
 
 
+def _check_shard_count(output: str, num_shards: int) -> None:
+    """Shards of another count (an earlier --num-shards, or a run before the count was capped at
+    the number of inputs) would be mixed with this run's; refused here, not found out on read."""
+    counts = {int(m.group(2)) for m in map(records.SHARD_PATTERN.match, os.listdir(output)) if m}
+    if counts - {num_shards}:
+        raise InputError(f"{output}: holds shards of a run with {max(counts - {num_shards})} shards, this run makes "
+                         f"{num_shards}; use a new --output")
+
+
 def _remove_stale_temporaries(output: str) -> None:
     for name in os.listdir(output):
         if ".tmp-" in name and name.startswith("primitives-"):
@@ -244,20 +325,25 @@ def _results(work: list[Input], settings: codec.Settings, workers: int) -> Itera
         yield from pool.imap(process, items, chunksize=1)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> tuple[dict, int, int]:
+    """The job for this task -> (manifest, videos ok this run, videos failed this run)."""
+    # Quoted or programmatic paths reach us unexpanded ("~/clips"); the shell expands only bare ones.
+    args.videos, args.output = os.path.expanduser(args.videos), os.path.expanduser(args.output)
     settings = codec.Settings(fps=args.fps, gop=args.gop, fusion=args.fusion, size=args.size,
                               qscale=args.qscale, mv_block=args.mv_block, jpeg_qscale=args.jpeg_qscale)
     settings.check()
     if not 0 <= args.task_index < args.num_tasks:
         raise InputError(f"--task-index {args.task_index} must be in [0, --num-tasks {args.num_tasks})")
-    inputs = plan(args.videos, args.num_shards)
+    inputs, num_shards = plan(args.videos, args.num_shards)
     os.makedirs(args.output, exist_ok=True)
+    _check_shard_count(args.output, num_shards)
     _remove_stale_temporaries(args.output)
-    by_shard = {s: [e for e in inputs if e.shard == s] for s in range(args.num_shards)}
-    mine = [s for s in range(args.num_shards) if s % args.num_tasks == args.task_index]
-    pending = [s for s in mine if not finished(args.output, s, args.num_shards, settings, by_shard[s])]
+    by_shard = {s: [e for e in inputs if e.shard == s] for s in range(num_shards)}
+    mine = [s for s in range(num_shards) if s % args.num_tasks == args.task_index]
+    pending = [s for s in mine if not finished(args.output, s, num_shards, settings, by_shard[s])]
     work = [e for s in pending for e in by_shard[s]]
-    print(f"{len(inputs)} inputs in {args.num_shards} shards; task {args.task_index}/{args.num_tasks}: "
+    capped = f" (--num-shards {args.num_shards} capped at the number of inputs)" if num_shards < args.num_shards else ""
+    print(f"{len(inputs)} inputs in {num_shards} shards{capped}; task {args.task_index}/{args.num_tasks}: "
           f"{len(mine)} shards, {len(mine) - len(pending)} already finished, {len(work)} videos to process",
           file=sys.stderr)
     started = time.perf_counter()
@@ -268,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
     with tqdm(total=len(work), unit="video", disable=args.quiet, dynamic_ncols=True,
               mininterval=0.1 if sys.stderr.isatty() else 30) as bar:
         for shard in pending:
-            writer = ShardWriter(args.output, shard, args.num_shards, settings, by_shard[shard])
+            writer = ShardWriter(args.output, shard, num_shards, settings, by_shard[shard])
             for entry in by_shard[shard]:
                 result = next(results)
                 writer.add(entry, result)
@@ -281,14 +367,14 @@ def run(args: argparse.Namespace) -> dict:
                 bar.set_postfix_str(f"{video_seconds * settings.fps / elapsed:.0f} frames/s, {failed} failed", refresh=False)
                 bar.update()
             writer.commit()
-    manifest = write_manifest(args.output, args.num_shards, settings)
+    manifest = write_manifest(args.output, num_shards, settings)
     elapsed = time.perf_counter() - started
     totals = manifest["totals"]
     print(f"done in {elapsed:.1f}s: {ok} videos ok, {failed} failed this run ({video_seconds:.1f}s of video, "
           f"{video_seconds / max(elapsed, 1e-9):.1f}x real time); output holds {totals['videos']} videos, "
           f"{totals['steps']} steps, {totals['failed']} rejected (errors.jsonl)"
-          + ("" if manifest["complete"] else f"; {args.num_shards - len(manifest['shards'])} shards still to do by other tasks"))
-    return manifest
+          + ("" if manifest["complete"] else f"; {num_shards - len(manifest['shards'])} shards still to do by other tasks"))
+    return manifest, ok, failed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.preprocess", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", required=True, help="a directory (searched recursively), a glob ('clips/**/*.mp4'), or a text file with one path per line")
+    parser.add_argument("--videos", required=True, help="a directory (searched recursively), one video file, a glob ('clips/**/*.mp4'), "
+                        "or a text file with one path per line (relative to the file's directory)")
     parser.add_argument("--output", required=True, help="output directory (created; rerun with the same one to resume)")
     parser.add_argument("--fps", type=float, default=defaults.fps, help="resampling rate of the canonical stream (default %(default)s)")
     parser.add_argument("--gop", type=int, default=defaults.gop, help="frames per GOP; an I-frame starts each (default %(default)s = 8 s at 30 fps)")
@@ -305,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qscale", type=int, default=defaults.qscale, help="fixed MPEG-4 quantiser of the canonical stream, 1 (best) .. 31 (default %(default)s)")
     parser.add_argument("--mv-block", type=int, default=defaults.mv_block, help="motion is traced once per block x block tile (default %(default)s)")
     parser.add_argument("--jpeg-qscale", type=int, default=defaults.jpeg_qscale, help="JPEG quantiser of stored RGB, 1 (best) .. 31 (default %(default)s)")
-    parser.add_argument("--num-shards", type=int, default=16, help="total shards over all tasks (default %(default)s)")
+    parser.add_argument("--num-shards", type=int, default=16, help="total shards over all tasks, at most one per input (default %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="video processes on this machine (default: all cores = %(default)s)")
     parser.add_argument("--task-index", type=int, default=0, help="this task's index, e.g. $SLURM_ARRAY_TASK_ID (default %(default)s)")
     parser.add_argument("--num-tasks", type=int, default=1, help="number of tasks splitting the input list (default %(default)s)")
@@ -319,9 +406,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --num-shards, --num-tasks and --workers must be >= 1", file=sys.stderr)
         return 2
     try:
-        run(args)
+        _, ok, failed = run(args)
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    # Every video this run tried was rejected: a wrong path or a broken install, not a dataset with
+    # a few bad clips, so scripts must see it. Nothing to do (all shards finished) is success.
+    if failed and not ok:
+        print(f"error: all {failed} videos of this run failed; reasons in "
+              f"{os.path.join(args.output, 'errors.jsonl')}", file=sys.stderr)
         return 1
     return 0
 

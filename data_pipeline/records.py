@@ -189,6 +189,7 @@ class Records:
     """Random-access sequence of per-video records; also a grain `RandomAccessDataSource`."""
 
     def __init__(self, output_dir: str):
+        output_dir = os.path.expanduser(output_dir)  # "~/primitives" from Python gets no shell expansion
         if not os.path.isdir(output_dir):
             raise RecordError(f"{output_dir}: no such directory")
         self.output_dir = output_dir

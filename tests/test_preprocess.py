@@ -185,6 +185,92 @@ def test_input_forms(video_dir, tmp_path):
         preprocess.list_inputs(str(tmp_path / "missing"))
 
 
+def raw_record(output, video_id):
+    found = records.open(str(output))
+    return next(found.raw(i) for i in range(len(found)) if records.read_header(found.raw(i))[0]["video_id"] == video_id)
+
+
+def test_single_video_file_is_one_input_not_a_list(video_dir, job, tmp_path):
+    short = str(video_dir / "short.mp4")
+    assert preprocess.list_inputs(short) == [(short, "short")]
+    odd = tmp_path / "clip.video"  # unknown extension, but not UTF-8 text: a video, not a list
+    odd.write_bytes((video_dir / "short.mp4").read_bytes())
+    assert preprocess.list_inputs(str(odd)) == [(str(odd), "clip")]
+    notes = str(video_dir / "notes.mp4")  # text with a video extension: a (bad) video
+    assert preprocess.list_inputs(notes) == [(notes, "notes")]
+    assert run_job(short, tmp_path / "out", "--workers", "1") == 0
+    assert len(records.open(str(tmp_path / "out"))) == 1
+    assert raw_record(tmp_path / "out", "short") == raw_record(job, "short")
+
+
+def test_path_list_naming_missing_files(video_dir, tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    listing.write_text("nowhere/a.mp4\nnowhere/b.mp4\n")  # relative to the list, so all missing: a mistake
+    assert run_job(listing, tmp_path / "none", "--workers", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "none of its 2 listed paths exist" in err[0]
+    listing.write_text(f"{video_dir}/short.mp4\nnowhere/b.mp4\n")  # a few missing: per-video errors
+    assert run_job(listing, tmp_path / "some", "--workers", "1") == 0
+    errors = [json.loads(line) for line in open(tmp_path / "some" / "errors.jsonl")]
+    assert [(e["video_id"], e["reason"]) for e in errors] == [("nowhere/b", "no such file")]
+
+
+def test_run_where_every_video_fails_exits_1(video_dir, tmp_path, capsys):
+    listing = tmp_path / "bad.txt"
+    listing.write_text(f"{video_dir}/empty.mp4\n{video_dir}/notes.mp4\n")
+    output = tmp_path / "out"
+    assert run_job(listing, output, "--workers", "1") == 1
+    captured = capsys.readouterr()
+    assert "0 videos ok, 2 failed this run" in captured.out
+    assert "all 2 videos of this run failed" in captured.err.strip().splitlines()[-1]
+    assert len(open(output / "errors.jsonl").readlines()) == 2
+    assert run_job(listing, output, "--workers", "1") == 0  # nothing left to do is success
+    assert "2 already finished, 0 videos to process" in capsys.readouterr().err
+
+
+def test_tilde_paths_are_expanded(video_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "short.mp4").write_bytes((video_dir / "short.mp4").read_bytes())
+    assert preprocess.main(["--videos", "~/short.mp4", "--output", "~/primitives", *SETTINGS, "--workers", "1"]) == 0
+    assert (tmp_path / "primitives" / "manifest.json").exists() and not os.path.exists("~")
+    found = records.open("~/primitives")
+    assert len(found) == 1 and records.read_header(found.raw(0))[0]["video_id"] == "short"
+
+
+def test_shard_count_is_capped_at_the_number_of_inputs(video_dir, tmp_path, capsys):
+    listing = tmp_path / "two.txt"
+    listing.write_text(f"{video_dir}/short.mp4\n{video_dir}/nested/square.mkv\n")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_job(listing, whole, "--workers", "1") == 0  # default --num-shards 16
+    assert "2 inputs in 2 shards (--num-shards 16 capped" in capsys.readouterr().err
+    assert sorted(n for n in os.listdir(whole) if n.endswith(".array_record")) == [records.shard_name(i, 2) for i in (0, 1)]
+    assert json.load(open(whole / "manifest.json"))["num_shards"] == 2
+    assert run_job(listing, whole, "--workers", "1") == 0
+    assert "2 already finished, 0 videos to process" in capsys.readouterr().err
+    for task in (2, 1, 0):  # more tasks than shards: task 2 has nothing to do
+        assert run_job(listing, split, "--workers", "1", "--num-tasks", "3", "--task-index", str(task)) == 0
+    assert shard_bytes(split) == shard_bytes(whole)
+    assert run_job(listing, whole, "--workers", "1", "--num-shards", "1") == 1  # would mix 1-shard and 2-shard files
+    assert "holds shards of a run with 2 shards" in capsys.readouterr().err
+
+
+def test_encode_video_gives_the_job_record_in_memory(video_dir, job):
+    settings = codec.Settings(fps=30.0, gop=30, fusion=10, size=64)
+    data, video = preprocess.encode_video(str(video_dir / "short.mp4"), settings)
+    assert data == raw_record(job, "short")
+    listed = next(v for v in json.load(open(job / "manifest.json"))["videos"] if v["video_id"] == "short")
+    assert video == {k: listed[k] for k in ("video_id", "source", "steps", "frames", "seconds", "bytes")}
+    record = records.decode(data)
+    assert record["video_id"] == "short" and record["rgb"].shape == (video["steps"], 64, 64, 3)
+    assert preprocess.encode_video(str(video_dir / "short.mp4"), settings, "clips/short")[1]["video_id"] == "clips/short"
+    for name, reason in [("missing.mp4", "no such file"), ("empty.mp4", "empty file"), ("notes.mp4", "not a video"),
+                         ("truncated.mp4", "truncated"), ("nested", "directory")]:
+        with pytest.raises(codec.VideoError, match=reason):
+            preprocess.encode_video(str(video_dir / name), settings)
+    missing = preprocess.Input(str(video_dir / "missing.mp4"), "missing", 0)
+    assert preprocess.process((missing, settings)) == {"error": "no such file"}
+
+
 def test_help_explains_the_job():
     result = subprocess.run([sys.executable, "-m", "data_pipeline.preprocess", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--task-index" in result.stdout and "errors.jsonl" in result.stdout

@@ -12,12 +12,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from cope_jax import checkpoints, metrics, retrieval, sharding, training
-from cope_jax.models.delta_encoder.modeling import DeltaEncoderConfig, DeltaPretrainer, parameter_count
+from cope_jax.models.cope.modeling import normalize_frames
+from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, DeltaPretrainer, parameter_count
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
 from cope_jax.training import ConfigError
 from data_pipeline import loaders, records
@@ -86,18 +88,14 @@ def prepare_data(config, workdir: str) -> str:
     return data_dir
 
 
-def normalize(rgb: jax.Array) -> jax.Array:
-    return (rgb.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-
-
 def make_functions(model_graph, siglip_graph, tx):
     """Jitted train step, SigLIP tokens and predictions; graphdefs are static (closed over)."""
 
     def loss_fn(params, rest, siglip_state, batch):
         model = nnx.merge(model_graph, params, rest)
         siglip = nnx.merge(siglip_graph, siglip_state)
-        prev_tokens = jax.lax.stop_gradient(siglip(normalize(batch["prev_rgb"])))
-        target = jax.lax.stop_gradient(siglip(normalize(batch["rgb"]))).astype(jnp.float32)
+        prev_tokens = jax.lax.stop_gradient(siglip(normalize_frames(batch["prev_rgb"])))
+        target = jax.lax.stop_gradient(siglip(normalize_frames(batch["rgb"]))).astype(jnp.float32)
         predicted = model(prev_tokens, batch["mv"], batch["residual"]).astype(jnp.float32)
         # What copying frame t-1's tokens would score: the bar the Δ path has to beat.
         copy_loss = jnp.mean((prev_tokens.astype(jnp.float32) - target) ** 2)
@@ -110,7 +108,7 @@ def make_functions(model_graph, siglip_graph, tx):
         return params, opt_state, {"loss": loss, "copy_loss": copy_loss, "grad_norm": optax.global_norm(grads)}
 
     def siglip_tokens(siglip_state, rgb):
-        return nnx.merge(siglip_graph, siglip_state)(normalize(rgb)).astype(jnp.float32)
+        return nnx.merge(siglip_graph, siglip_state)(normalize_frames(rgb)).astype(jnp.float32)
 
     def predict(params, rest, prev_tokens, mv, residual):
         return nnx.merge(model_graph, params, rest)(prev_tokens, mv, residual).astype(jnp.float32)
@@ -168,9 +166,22 @@ class Stage:
         return result
 
 
+CONFIG_FILE = "config.json"
+
+
+def save_config(config, workdir: str) -> None:
+    """<workdir>/config.json: what `load_delta_encoder` needs to rebuild the model later."""
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:
+            f.write(config.to_json(indent=1))
+        os.replace(path + ".tmp", path)
+
+
 def train(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     stage = Stage(config, workdir)
+    save_config(config, workdir)
     log(f"Δ-encoder: {stage.encoder_parameters / 1e6:.2f}M parameters (+ {stage.heads_parameters / 1e6:.2f}M in the "
         f"pretraining heads); mesh {dict(stage.mesh.shape)}; {len(stage.source)} training pairs from {stage.data_dir}")
     opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
@@ -245,4 +256,42 @@ def evaluate_only(config, workdir: str) -> dict:
     return result
 
 
-__all__ = ["train", "evaluate_only", "Stage"]
+def load_delta_encoder(path: str) -> tuple[DeltaEncoder, dict]:
+    """The trained Δ-encoder of a stage-1 workdir (its latest committed step), or of a cope_jax
+    checkpoint holding one (kind `delta_encoder` or `cope`) -> (module, {"source", "step"}).
+
+    The pretraining heads are dropped; the ResNet trunk's frozen BatchNorm statistics, which stage
+    1 never changes and does not checkpoint, come back from `config.resnet_checkpoint` as in training.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(os.path.join(path, checkpoints.MODEL_FILE)):
+        module = checkpoints.load(path)
+        encoder = module if isinstance(module, DeltaEncoder) else getattr(module, "delta_encoder", None)
+        if not isinstance(encoder, DeltaEncoder):
+            raise ConfigError(f"{path}: holds a {type(module).__name__}, not a Δ-encoder or a CoPE model")
+        return encoder, {"source": path, "step": checkpoints.read_meta(path).get("step")}
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isdir(os.path.join(path, "checkpoints")) or not os.path.exists(config_path):
+        raise ConfigError(f"{path}: not a stage-1 workdir ({CONFIG_FILE} and checkpoints/ expected) "
+                          "nor a cope_jax checkpoint")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    ckpt = training.Checkpoints(path, config.keep_checkpoints, config.checkpoint_every_steps)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ConfigError(f"{path}: no committed checkpoint under checkpoints/ (has stage 1 saved yet?)")
+    model = nnx.eval_shape(lambda: DeltaPretrainer(delta_config(config), rngs=nnx.Rngs(0)))
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params)
+    rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest)  # BatchNorm statistics: replaced below
+    model = nnx.merge(graph, ckpt.restore_params(step, params), rest)
+    ckpt.close()
+    fresh = DeltaEncoder(model.config, rngs=nnx.Rngs(0))  # BatchNorm statistics as initialised in stage 1
+    nnx.update(model.delta_encoder, nnx.state(fresh, nnx.BatchStat))
+    if config.resnet_checkpoint:
+        load_resnet_trunk(model, config.resnet_checkpoint)
+    return model.delta_encoder, {"source": path, "step": int(step)}
+
+
+__all__ = ["train", "evaluate_only", "Stage", "load_delta_encoder"]

@@ -118,6 +118,11 @@ class Checkpoints:
         restored = self.manager.restore(step, args=args)
         return restored["params"], restored["opt_state"]
 
+    def restore_params(self, step: int, params):
+        """Only the parameters of `step` (what inference and checkpoint assembly need)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params))))
+        return restored["params"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

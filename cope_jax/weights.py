@@ -222,17 +222,20 @@ def _summarise(problems: list[str], limit: int = 8) -> str:
 
 
 def apply_rules(reader: CheckpointReader, rules: list[Rule], abstract_module: nnx.Module,
-                shardings=None, progress: bool = True) -> nnx.Module:
+                shardings=None, progress: bool = True, defaults: nnx.State | None = None) -> nnx.Module:
     """Fills every weight of `abstract_module` (from nnx.eval_shape) from `reader`, strictly.
 
     Each tensor is read, transformed, checked, cast to the target dtype and placed (on its
     sharding when `shardings`, a state of NamedSharding, is given) before the next is read.
+    `defaults` (a state of part of the module, e.g. a sub-model the source does not have) fills
+    the targets it holds that no source tensor fills; a source tensor for such a target is an error.
     """
     graphdef, abstract_state = nnx.split(abstract_module)
     targets = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(abstract_state)}
+    values = {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(defaults)} if defaults else {}
     target_shardings = ({".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(shardings)}
                         if shardings is not None else {})
-    problems, filled, values = [], {}, {}
+    problems, filled = [], {}
     # Plan first (names and shapes only), so a bad mapping fails before any heavy reading.
     plan = []
     for key in reader.keys():
@@ -247,11 +250,15 @@ def apply_rules(reader: CheckpointReader, rules: list[Rule], abstract_module: nn
             problems.append(f"source tensor {key} maps to {target}, which the model does not have")
         elif target in filled:
             problems.append(f"target {target} filled twice: by {filled[target]} and {key}")
+        elif target in values:
+            problems.append(f"source tensor {key} maps to {target}, which is supplied separately")
         else:
             filled[target] = key
             plan.append((key, target, rule.transform))
-    for target in targets:
-        if target not in filled:
+    for target, var in targets.items():
+        if target in values and tuple(values[target].shape) != tuple(var.get_value().shape):
+            problems.append(f"supplied {target} has shape {tuple(values[target].shape)}, the model needs {tuple(var.get_value().shape)}")
+        elif target not in filled and target not in values:
             problems.append(f"model weight {target} has no source tensor")
     for key, target, transform in plan:
         expected = tuple(targets[target].get_value().shape)
@@ -265,6 +272,8 @@ def apply_rules(reader: CheckpointReader, rules: list[Rule], abstract_module: nn
         array = np.ascontiguousarray(transform(reader.read(key))).astype(dtype, copy=False)
         values[target] = jax.device_put(array, target_shardings.get(target))
         del array
+    for target in values.keys() - filled.keys():  # supplied defaults: the target's dtype and place
+        values[target] = jax.device_put(values[target].astype(targets[target].get_value().dtype), target_shardings.get(target))
     flat = [(path, var.replace(values[".".join(map(str, path))])) for path, var in nnx.to_flat_state(abstract_state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

@@ -14,6 +14,7 @@ stored frames, so `warp(rgb[t-1], mv[t]) + residual[t] == rgb[t]` holds exactly 
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -208,6 +209,27 @@ class Records:
 
     def __getstate__(self):
         return {"output_dir": self.output_dir, "paths": self.paths, "_source": None}
+
+    def video_ids(self) -> list[str]:
+        """Every record's video id in index order, from the shards' JSON sidecars (no record is read)."""
+        ids = []
+        for path in self.paths:
+            sidecar = path[: -len(".array_record")] + ".json"
+            try:
+                with builtins.open(sidecar) as f:
+                    ids += [video["video_id"] for video in json.load(f)["videos"]]
+            except (OSError, ValueError, KeyError) as e:
+                raise RecordError(f"{sidecar}: cannot list the shard's videos ({e})") from None
+        return ids
+
+    def index_of(self, video_id: str) -> int:
+        """The index of the record with this video id (the path under the input root, no extension)."""
+        ids = self.video_ids()
+        if video_id not in ids:
+            close = [i for i in ids if video_id.lower() in i.lower()][:3]
+            hint = f"; similar: {', '.join(close)}" if close else ""
+            raise RecordError(f"{self.output_dir}: no video with id {video_id!r} among {len(ids)} videos{hint}")
+        return ids.index(video_id)
 
     def __len__(self) -> int:
         return len(self.source)

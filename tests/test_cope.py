@@ -18,8 +18,7 @@ from conftest import assert_close
 from safetensors.torch import save_file
 
 from cope_jax.convert import from_pytorch
-from cope_jax.generation import SamplingConfig
-from cope_jax.inference import chat_prompt, generate_from_keyframes
+from cope_jax.generation import SamplingConfig, generate_from_embeddings
 from cope_jax.models.cope.modeling import CoPEVideoLM, bilinear_matrix
 
 VISION = dict(image_size=70, patch_size=14, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
@@ -58,15 +57,17 @@ def add_token_per_grid(features: torch.Tensor, newline: torch.Tensor) -> torch.T
 class Reference:
     """A LLaVA-Video model in PyTorch: tower (already truncated), projector, newline, Qwen2."""
 
-    def __init__(self, keep_layers: int):
+    def __init__(self, keep_layers: int, vision: dict = VISION, text: dict = TEXT):
         torch.manual_seed(7)
-        self.vision_config = transformers.SiglipVisionConfig(**VISION)
+        self.vision_config = transformers.SiglipVisionConfig(**vision)
         self.tower = transformers.SiglipVisionModel(self.vision_config)
         perturb(self.tower)
         del self.tower.encoder.layers[keep_layers:]  # LLaVA-NeXT drops the last layer
-        self.projector = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
-        self.newline = torch.randn(64)
-        self.lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT))
+        width, llm_width = vision["hidden_size"], text["hidden_size"]
+        self.projector = torch.nn.Sequential(torch.nn.Linear(width, llm_width), torch.nn.GELU(),
+                                             torch.nn.Linear(llm_width, llm_width))
+        self.newline = torch.randn(llm_width)
+        self.lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**text))
         perturb(self.lm)
         for m in (self.tower, self.projector, self.lm):
             m.eval()
@@ -74,7 +75,8 @@ class Reference:
     def keyframe_tokens(self, pixels_nchw: torch.Tensor, mode: str) -> np.ndarray:
         with torch.no_grad():
             features = self.tower(pixel_values=pixels_nchw, output_hidden_states=True).hidden_states[-1]
-            pooled = get_2d_pool(self.projector(features), VISION["image_size"] // VISION["patch_size"], mode)
+            side = self.vision_config.image_size // self.vision_config.patch_size
+            pooled = get_2d_pool(self.projector(features), side, mode)
             return add_token_per_grid(pooled, self.newline).numpy()
 
     def tower_state(self, prefix: str) -> dict:
@@ -171,7 +173,8 @@ def test_bilinear_matrix_equals_torch_interpolate(in_size, out_size):
 
 
 def test_generation_from_keyframes_matches_hf(tmp_path, reference):
-    """Dense LLaVA-Video baseline end to end: visual tokens spliced into the prompt, 16 greedy tokens."""
+    """Dense LLaVA-Video baseline end to end: every step a keyframe, the stream merged into the
+    prompt at the placeholder slots, 16 greedy tokens."""
     save_llava_next(reference, tmp_path, "bilinear")
     model = from_pytorch(str(tmp_path))
     frames = pixels()[:2]
@@ -182,42 +185,12 @@ def test_generation_from_keyframes_matches_hf(tmp_path, reference):
         embeds = torch.cat([embed(torch.tensor(before)), visual, embed(torch.tensor(after))])[None]
         expected = reference.lm.generate(inputs_embeds=embeds, max_new_tokens=16, min_new_tokens=16, do_sample=False,
                                          pad_token_id=0).numpy()[0]
-    actual = generate_from_keyframes(model, jnp.asarray(frames.permute(0, 2, 3, 1).numpy()), before, after,
-                                     SamplingConfig(max_new_tokens=16))
-    np.testing.assert_array_equal(actual, expected[-16:])
-
-
-def test_chat_prompt_is_llava_video_qwen_1_5():
-    assert chat_prompt("What happens?") == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat happens?<|im_end|>\n"
-        "<|im_start|>assistant\n")
-
-
-def tiny_chat_tokenizer():
-    """A word-level tokenizer with Qwen's ChatML special tokens, built locally (no hub)."""
-    import tokenizers
-
-    words = ["system", "user", "assistant", "You", "are", "a", "helpful", "assistant.", "What", "happens?", "\n"]
-    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2} | {w: i + 3 for i, w in enumerate(words)}
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
-
-
-def test_answer_splits_prompt_at_placeholder_and_stops_at_eos(tmp_path, reference):
-    from cope_jax.inference import answer, split_prompt_ids
-
-    tokenizer = tiny_chat_tokenizer()
-    before, after = split_prompt_ids(tokenizer, chat_prompt("What happens?"))
-    assert before[:2] == [1, tokenizer.convert_tokens_to_ids("system")] and after[-1] == tokenizer.convert_tokens_to_ids("assistant")
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in after
-    save_llava_next(reference, tmp_path, "bilinear")
-    model = from_pytorch(str(tmp_path))
-    frames = jnp.asarray(pixels()[:1].permute(0, 2, 3, 1).numpy())
-    free = generate_from_keyframes(model, frames, before, after, SamplingConfig(max_new_tokens=8))
-    eos = int(free[3])  # pretend the 4th generated token is EOS: the answer must stop before it
-    text = answer(model, tokenizer, frames, "What happens?", SamplingConfig(max_new_tokens=8, eos_token_id=eos))
-    assert text == tokenizer.decode([int(t) for t in free[: list(free).index(eos)]], skip_special_tokens=True)
-    with pytest.raises(ValueError, match="exactly one"):
-        split_prompt_ids(tokenizer, "no placeholder")
+    tokens = model.config.tokens_per_keyframe
+    token_source = jnp.arange(2 * tokens)[None]  # both keyframes, in order
+    stream = model.encode_video(jnp.asarray(frames.permute(0, 2, 3, 1).numpy()), jnp.zeros((0, 70, 70, 2)),
+                                jnp.zeros((0, 70, 70, 3), jnp.int16), token_source)
+    ids = jnp.asarray([before + [0] * (2 * tokens) + after])
+    is_visual = jnp.asarray([[False] * len(before) + [True] * (2 * tokens) + [False] * len(after)])
+    prompt = model.merge_visual(ids, is_visual, stream)
+    actual = generate_from_embeddings(model.language_model, prompt, jnp.ones(ids.shape, bool), SamplingConfig(max_new_tokens=16))
+    np.testing.assert_array_equal(actual[0], expected[-16:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
+from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig
 from cope_jax.models.qwen2.modeling import Qwen2Config, Qwen2ForCausalLM
 from cope_jax.models.resnet.modeling import ResNet, ResNetConfig
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
@@ -14,6 +15,7 @@ KINDS = {
     "siglip_vision": (SiglipVisionModel, SiglipVisionConfig),
     "resnet": (ResNet, ResNetConfig),
     "cope": (CoPEVideoLM, CoPEConfig),
+    "delta_encoder": (DeltaEncoder, DeltaEncoderConfig),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from cope_jax.models.cope.modeling import CoPEConfig, POOL_MODES
+from cope_jax.models.cope.modeling import CoPEConfig, POOL_MODES, delta_for_tower
 from cope_jax.models.qwen2 import params as qwen2_params
 from cope_jax.models.siglip import params as siglip_params
 from cope_jax.models.siglip.modeling import SiglipVisionConfig
@@ -83,15 +83,17 @@ def config_from_llava_next(hf: dict, source: str, source_vision_layers: int) -> 
         described = SiglipVisionConfig.so400m_patch14_384()
     else:
         raise ConversionError(f"{source}: vision tower {hf.get('mm_vision_tower')!r} is not supported (SigLIP only)")
-    # LLaVA-NeXT's SigLipVisionTower deletes the tower's last layer before training, so a config
-    # describing the full tower means one layer fewer in the checkpoint.
-    vision = dataclasses.replace(described, num_hidden_layers=described.num_hidden_layers - 1, use_post_layernorm=False)
-    if source_vision_layers != vision.num_hidden_layers:
-        raise ConversionError(f"{source}: vision config has {described.num_hidden_layers} layers (LLaVA keeps "
-                              f"{vision.num_hidden_layers}) but the checkpoint holds {source_vision_layers}")
+    # LLaVA-NeXT's SigLipVisionTower builds the full tower from its hub name and deletes the last
+    # layer, so the checkpoint holds one layer fewer than a config describing the full tower; a
+    # config that already describes the kept tower is fine too: the checkpoint's layers decide.
+    described_layers = described.num_hidden_layers
+    if source_vision_layers not in (described_layers - 1, described_layers):
+        raise ConversionError(f"{source}: vision config has {described_layers} layers (LLaVA keeps "
+                              f"{described_layers - 1}) but the checkpoint holds {source_vision_layers}")
+    vision = dataclasses.replace(described, num_hidden_layers=source_vision_layers, use_post_layernorm=False)
     return CoPEConfig(vision=vision, text=qwen2_params.config_from_hf(hf, source),
                       pool_mode=_pool_mode(hf.get("mm_spatial_pool_mode", "bilinear"), source),
-                      pool_stride=int(hf.get("mm_spatial_pool_stride", 2)))
+                      pool_stride=int(hf.get("mm_spatial_pool_stride", 2)), delta=delta_for_tower(vision))
 
 
 def config_from_onevision(hf: dict, source: str, source_vision_layers: int) -> CoPEConfig:
@@ -112,5 +114,6 @@ def config_from_onevision(hf: dict, source: str, source_vision_layers: int) -> C
                               f"({source_vision_layers} in the checkpoint) selects no valid layer")
     text = dict(hf.get("text_config", {}))
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
-    return CoPEConfig(vision=dataclasses.replace(described, num_hidden_layers=keep, use_post_layernorm=False),
-                      text=qwen2_params.config_from_hf(text, source), pool_mode="bilinear", pool_stride=2)
+    vision = dataclasses.replace(described, num_hidden_layers=keep, use_post_layernorm=False)
+    return CoPEConfig(vision=vision, text=qwen2_params.config_from_hf(text, source), pool_mode="bilinear",
+                      pool_stride=2, delta=delta_for_tower(vision))

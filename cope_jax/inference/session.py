@@ -1,0 +1,231 @@
+"""Asking about a video: one conversation over one KV cache (paper App. I: later turns reuse it).
+
+The first `ask` reads the video's planned steps, encodes every keyframe in one SigLIP call and
+every P step in one Δ-encoder call, merges the stream into the prompt and prefills; later turns
+prefill only their own tokens after the cached conversation. Answers stream token by token.
+Chat, evaluation and the TTFT benchmark all run this code, so what is measured is what users run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cope_jax.generation import SamplingConfig, choose_next_token
+from cope_jax.inference import prompt as prompts
+from cope_jax.inference.stream import Video, VideoInputError, VideoSettings, plan_video, round_up, video_batch
+from cope_jax.models.cope.modeling import CoPEVideoLM, assemble_stream
+from cope_jax.models.qwen2.modeling import KVCache
+
+CACHE_BLOCK = 256  # the KV cache grows in these steps, so a conversation compiles few shapes
+
+
+@dataclasses.dataclass
+class TurnStats:
+    """One answer. `prompt_tokens` counts everything this turn fed the LLM (visual tokens included);
+    `ttft_s` runs from the question to the first token (reading and encoding the video included on
+    the first turn), `e2el_s` to the last."""
+
+    visual_tokens: int
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    e2el_s: float
+    keyframes: int
+    p_steps: int
+    timings: dict = dataclasses.field(default_factory=dict)  # first turn: primitives/vision/delta/prefill seconds
+    answer_ids: list = dataclasses.field(default_factory=list)  # generated ids, stop token excluded
+
+
+# ---------------------------------------------------------------------------- jitted pieces
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _keyframe_table(graphdef, state, keyframes):
+    return nnx.merge(graphdef, state).keyframe_token_table(keyframes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _p_step_table(graphdef, state, mv, residual, zero_delta):
+    return nnx.merge(graphdef, state).p_step_token_table(mv, residual, zero_delta)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _video_prompt_embeddings(graphdef, state, keyframe_tokens, p_step_tokens, token_source, ids, is_visual):
+    visual = assemble_stream(keyframe_tokens, p_step_tokens, token_source)
+    return nnx.merge(graphdef, state).merge_visual(ids, is_visual, visual)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_embeddings(graphdef, state, ids):
+    return nnx.merge(graphdef, state).embed(ids)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _feed(graphdef, state, embeds, attention_mask, cache, sampling, rng):
+    """Appends tokens to the cache and chooses the next token from the last position's logits."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.forward_cached(embeds, attention_mask, cache)
+    return choose_next_token(logits[:, -1], rng, sampling), cache
+
+
+def grow_cache(cache: KVCache, length: int) -> KVCache:
+    """The same cache with room for `length` slots (new slots empty)."""
+    extra = length - cache.length
+    if extra <= 0:
+        return cache
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    return KVCache(keys=[pad(k) for k in cache.keys], values=[pad(v) for v in cache.values],
+                   key_valid=pad(cache.key_valid), next_position=cache.next_position, end=cache.end)
+
+
+def _ready(x):
+    return jax.block_until_ready(x)
+
+
+# ---------------------------------------------------------------------------- the conversation
+
+
+class VideoChat:
+    """A multi-turn conversation about one video.
+
+        chat = VideoChat(model, tokenizer, settings, video=lambda: video_from_file(path, settings.preprocessing))
+        for text in chat.ask("What happens?"):
+            print(text, end="")
+        chat.last  # TurnStats
+    """
+
+    def __init__(self, model: CoPEVideoLM, tokenizer, settings: VideoSettings, video: Callable[[], Video],
+                 sampling: SamplingConfig | None = None, seed: int = 0):
+        settings.check()
+        self.model, self.tokenizer, self.settings, self.load_video = model, tokenizer, settings, video
+        self.stop_ids = prompts.stop_token_ids(tokenizer)
+        self.sampling = sampling or SamplingConfig(max_new_tokens=256)
+        self.sampling = dataclasses.replace(self.sampling, eos_token_id=self.stop_ids)
+        self.graphdef, self.state = nnx.split(model)
+        self.lm_graphdef, self.lm_state = nnx.split(model.language_model)
+        self.rng = jax.random.key(seed)
+        self.cache: KVCache | None = None
+        self.ids: list[int] = []  # every token in the cache, in order (0 at visual slots)
+        self.is_visual: list[bool] = []
+        self.pending: int | None = None  # the last generated token, not yet in the cache
+        self.turns: list[TurnStats] = []
+        self.plan = None
+
+    @property
+    def last(self) -> TurnStats:
+        return self.turns[-1]
+
+    def ask(self, question: str) -> Iterator[str]:
+        """Streams the answer's text; `self.last` holds the turn's TurnStats once it is exhausted."""
+        started = time.perf_counter()
+        if self.cache is None:
+            embeds, stats = self._first_turn_embeddings(question)
+        else:
+            embeds, stats = self._next_turn_embeddings(question)
+        yield from self._generate(embeds, stats, started)
+
+    # -- prompts
+
+    def _first_turn_embeddings(self, question: str):
+        timings = {}
+        clock = time.perf_counter()
+        video = self.load_video()
+        if video.size != self.model.config.vision.image_size:
+            raise VideoInputError(f"{video.source}: frames are {video.size} px, the model's tower takes "
+                                f"{self.model.config.vision.image_size} px (preprocess with --size "
+                                f"{self.model.config.vision.image_size})")
+        self.plan = plan = plan_video(video, self.settings)
+        primitives = video.read(plan.steps)
+        cfg = self.model.config
+        batch = video_batch([plan], [primitives], cfg.tokens_per_keyframe, cfg.tokens_per_p_step, video.size)
+        timings["primitives_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        keyframe_tokens = _ready(_keyframe_table(self.graphdef, self.state, batch.keyframes))
+        timings["vision_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        p_step_tokens = _ready(_p_step_table(self.graphdef, self.state, batch.mv, batch.residual,
+                                             self.settings.delta_mode == "zero"))
+        timings["delta_s"] = time.perf_counter() - clock
+        preamble = prompts.time_instruction(plan.duration, plan.timestamps) if self.settings.time_instruction else ""
+        pieces = prompts.conversation_pieces([("human", question)], preamble, add_generation_prompt=True)
+        tokenized = prompts.tokenize(self.tokenizer, pieces, int(batch.lengths[0]))
+        embeds = _video_prompt_embeddings(self.graphdef, self.state, keyframe_tokens, p_step_tokens,
+                                          batch.token_source, tokenized.ids[None], tokenized.is_visual[None])
+        self._append(tokenized.ids.tolist(), tokenized.is_visual.tolist())
+        self.cache = KVCache.init(cfg.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens, CACHE_BLOCK),
+                                  self.model.language_model.dtype)
+        stats = TurnStats(visual_tokens=int(batch.lengths[0]), prompt_tokens=len(tokenized), generated_tokens=0,
+                          ttft_s=0.0, e2el_s=0.0, keyframes=plan.num_keyframes, p_steps=plan.num_p_steps,
+                          timings=timings)
+        return embeds, stats
+
+    def _next_turn_embeddings(self, question: str):
+        ids = self._close_previous_answer()
+        ids += prompts.tokenize(self.tokenizer, prompts.user_pieces(question) + prompts.assistant_header()).ids.tolist()
+        self._append(ids, [False] * len(ids))
+        needed = int(self.cache.end) + len(ids) + self.sampling.max_new_tokens
+        self.cache = grow_cache(self.cache, round_up(needed, CACHE_BLOCK))
+        embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(ids, jnp.int32)[None])
+        return embeds, TurnStats(visual_tokens=0, prompt_tokens=len(ids), generated_tokens=0, ttft_s=0.0, e2el_s=0.0,
+                                 keyframes=0, p_steps=0)
+
+    def _close_previous_answer(self) -> list[int]:
+        """Ids ending the previous assistant turn: its last token (still outside the cache), the
+        <|im_end|> if generation stopped without it, and the newline the template puts after it."""
+        im_end = self.tokenizer.convert_tokens_to_ids(prompts.IM_END)
+        ids = [] if self.pending is None or self.pending in self.stop_ids else [self.pending]
+        return ids + [im_end] + prompts.encode_text(self.tokenizer, "\n")
+
+    def _append(self, ids: list[int], is_visual: list[bool]) -> None:
+        self.ids += ids
+        self.is_visual += is_visual
+
+    # -- generation
+
+    def _next_rng(self):
+        self.rng, step = jax.random.split(self.rng)
+        return step
+
+    def _generate(self, embeds, stats: TurnStats, started: float) -> Iterator[str]:
+        clock = time.perf_counter()
+        mask = jnp.ones(embeds.shape[:2], bool)
+        token, self.cache = _feed(self.lm_graphdef, self.lm_state, embeds, mask, self.cache, self.sampling,
+                                  self._next_rng())
+        token = int(token[0])
+        stats.timings["prefill_s"] = time.perf_counter() - clock
+        stats.ttft_s = time.perf_counter() - started
+        generated = [token]
+        text = ""
+        while True:
+            if token in self.stop_ids:
+                break
+            new_text = self._decode_text(generated)
+            if len(new_text) > len(text):
+                yield new_text[len(text):]
+                text = new_text
+            if len(generated) >= self.sampling.max_new_tokens:
+                break
+            self._append([token], [False])
+            embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray([[token]], jnp.int32))
+            token, self.cache = _feed(self.lm_graphdef, self.lm_state, embeds, jnp.ones((1, 1), bool), self.cache,
+                                      self.sampling, self._next_rng())
+            token = int(token[0])
+            generated.append(token)
+        self.pending = token
+        stats.generated_tokens = len(generated)
+        stats.e2el_s = time.perf_counter() - started
+        stats.answer_ids = [t for t in generated if t not in self.stop_ids]
+        self.turns.append(stats)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
+        return text.rstrip("\ufffd")  # an incomplete multi-byte character waits for its next token
+

@@ -103,10 +103,11 @@ class VideoChat:
     """
 
     def __init__(self, model: CoPEVideoLM, tokenizer, settings: VideoSettings, video: Callable[[], Video],
-                 sampling: SamplingConfig | None = None, seed: int = 0):
+                 sampling: SamplingConfig | None = None, seed: int = 0, stop_at_eos: bool = True):
+        """`stop_at_eos=False` always generates `sampling.max_new_tokens` (latency benchmarks)."""
         settings.check()
         self.model, self.tokenizer, self.settings, self.load_video = model, tokenizer, settings, video
-        self.stop_ids = prompts.stop_token_ids(tokenizer)
+        self.stop_ids = prompts.stop_token_ids(tokenizer) if stop_at_eos else ()
         self.sampling = sampling or SamplingConfig(max_new_tokens=256)
         self.sampling = dataclasses.replace(self.sampling, eos_token_id=self.stop_ids)
         self.graphdef, self.state = nnx.split(model)

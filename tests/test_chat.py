@@ -309,3 +309,24 @@ def test_help_teaches_a_newcomer(capsys):
     for phrase in ("--checkpoint", "--video", "--record", "--keyframes-per-gop", "--delta-mode", "--dense-frames",
                    "--json", "interactive", "cope_jax.convert", "time to first token"):
         assert phrase in text
+
+
+def test_convert_takes_the_delta_encoder_of_a_stage_1_workdir(source_dir, tmp_path):
+    """A short stage-1 run at the tower's size and width, then its workdir as --delta-encoder."""
+    from test_pretrain import tiny_config
+
+    from cope_jax import pretrain
+
+    config = tiny_config(total_steps=2, warmup_steps=1, checkpoint_every_steps=1, demo_clips=2, eval_max_videos=1)
+    config.model.image_size = config.siglip.image_size = VISION["image_size"]
+    workdir = str(tmp_path / "stage1")
+    trained = pretrain.train(config, workdir)["params"]["delta_encoder"]
+    output = str(tmp_path / "cope")
+    assert convert.main(["--source", str(source_dir), "--delta-encoder", workdir, "--output", output]) == 0
+    meta = checkpoints.read_meta(output)
+    assert meta["delta_encoder"] == {"source": workdir, "step": 2, "random": False}
+    model = checkpoints.load(output)
+    assert model.config.delta.depth == config.model.depth and model.config.delta.image_size == 112
+    ours = dict(nnx.to_flat_state(nnx.state(model.delta_encoder, nnx.Param)))
+    for path, value in nnx.to_flat_state(trained):
+        np.testing.assert_array_equal(np.asarray(ours[path].get_value()), np.asarray(value.get_value()), err_msg=str(path))

@@ -54,10 +54,12 @@ def choose_next_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfi
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, rng):
+@functools.partial(jax.jit, static_argnums=(0, 5, 7))
+def _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, rng, unpadded):
+    """The prompt into a fresh cache; logits only at the last position."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.forward_cached(inputs_embeds, attention_mask, cache)
+    logits, cache = model.forward_cached(inputs_embeds, attention_mask, cache, logits="last", empty_cache=True,
+                                         unpadded=unpadded)
     return choose_next_token(logits[:, -1], rng, sampling), cache
 
 
@@ -82,7 +84,8 @@ def generate_from_embeddings(model: Qwen2ForCausalLM, inputs_embeds: jax.Array, 
     cache = KVCache.init(model.config, b, t + sampling.max_new_tokens, model.dtype)
     eos = np.atleast_1d(np.asarray(() if sampling.eos_token_id is None else sampling.eos_token_id, np.int32))
     rng, step_rng = jax.random.split(rng)
-    token, cache = _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, step_rng)
+    unpadded = bool(np.asarray(attention_mask).all())  # static: lets a GPU prefill take cuDNN
+    token, cache = _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, step_rng, unpadded)
     tokens = [np.asarray(token)]
     done = np.isin(tokens[-1], eos)
     for _ in range(sampling.max_new_tokens - 1):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from cope_jax.models.common import RMSNorm, linear, resolve_dtype
+from cope_jax.models.qwen2.attention import DEFAULT_BLOCK, causal_attention, check_implementation
 from cope_jax.sharding import initializer
 
 
@@ -97,20 +98,31 @@ class Qwen2Attention(nnx.Module):
         self.v_proj = linear(d, k * h, ("embed", "kv_heads"), **kw)
         self.o_proj = linear(n * h, d, ("heads", "embed"), use_bias=False, **kw)
         self.config = config
+        # How attention runs (`set_attention`); not in Qwen2Config, so checkpoints never store it.
+        self.implementation = "auto"
+        self.block_q = self.block_k = DEFAULT_BLOCK
 
-    def __call__(self, x, positions, mask, cached_kv=None, write_at=None):
-        """x [B,T,D], positions [B,T], mask [B,1,T,S]; cached_kv (k, v) each [B,S,K,H]."""
+    def __call__(self, x, positions, *, query_slots=None, key_valid=None, cached_kv=None, write_at=None):
+        """x [B,T,D], positions [B,T]; cached_kv (k, v) each [B,S,K,H], the new keys written at slot write_at.
+
+        query_slots None: the queries are the keys (a cache-free forward or a prefill into an empty
+        cache), so attention reads only the T new keys and key_valid is [B,T] or None (unpadded).
+        Else query_slots [T] or [B,T] are the queries' slots in the updated cache and key_valid is [B,S].
+        """
         cfg = self.config
         b, t, _ = x.shape
         q = rope(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = rope(self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        new_kv = (k, v)
         if cached_kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cached_kv[0], k.astype(cached_kv[0].dtype), write_at, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cached_kv[1], v.astype(cached_kv[1].dtype), write_at, axis=1)
-        # GQA natively: N query heads attend to K kv heads; GPUs get the fused kernel.
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B,T,N,H]
-        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+            new_kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), write_at, axis=1)
+                           for cached, new in zip(cached_kv, (k, v)))
+        if query_slots is not None:
+            k, v = new_kv
+        out = causal_attention(q, k.astype(q.dtype), v.astype(q.dtype), query_slots=query_slots, key_valid=key_valid,
+                               implementation=self.implementation, block_q=self.block_q, block_k=self.block_k)
+        return self.o_proj(out.reshape(b, t, -1)), new_kv  # out [B,T,N,H]
 
 
 class Qwen2MLP(nnx.Module):
@@ -132,8 +144,8 @@ class Qwen2DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = Qwen2MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cached_kv=None, write_at=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, cached_kv, write_at)
+    def __call__(self, x, positions, **attention):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, **attention)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -146,6 +158,18 @@ class Qwen2Model(nnx.Module):
         self.layers = nnx.List([Qwen2DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+
+
+def set_attention(model: nnx.Module, implementation: str, *, block_q: int = DEFAULT_BLOCK,
+                  block_k: int = DEFAULT_BLOCK) -> None:
+    """Chooses how every Qwen2 attention layer inside `model` runs ("auto", "xla", "chunked",
+    "cudnn"; see `attention.causal_attention`). Static: the next jit call recompiles."""
+    check_implementation(implementation)
+    layers = [module for _, module in nnx.iter_modules(model) if isinstance(module, Qwen2Attention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Qwen2 attention layers")
+    for layer in layers:
+        layer.implementation, layer.block_q, layer.block_k = implementation, block_q, block_k
 
 
 def _positions_from_mask(attention_mask: jax.Array, start: jax.Array) -> jax.Array:
@@ -179,34 +203,46 @@ class Qwen2ForCausalLM(nnx.Module):
     def forward(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Cache-free causal forward over embeddings [B,T,D] -> logits [B,T,V]."""
         b, t, _ = inputs_embeds.shape
-        attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        positions = _positions_from_mask(attention_mask, jnp.zeros((b,), jnp.int32))
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = (causal[None] & attention_mask[:, None, :])[:, None]  # [B,1,T,S]
+        # No mask means no padding, which keeps the attention plain causal (cuDNN-eligible).
+        key_valid = None if attention_mask is None else attention_mask.astype(bool)
+        positions = _positions_from_mask(jnp.ones((b, t), bool) if key_valid is None else key_valid,
+                                         jnp.zeros((b,), jnp.int32))
         x = inputs_embeds.astype(self.dtype)
         for layer in self.model.layers:
-            x, _ = layer(x, positions, mask)
+            x, _ = layer(x, positions, key_valid=key_valid)
         return self.logits(self.model.norm(x))
 
-    def forward_cached(self, inputs_embeds: jax.Array, attention_mask: jax.Array, cache: KVCache):
-        """Appends T tokens ([B,T,D], mask [B,T]) to the cache -> (logits [B,T,V], new cache).
+    def forward_cached(self, inputs_embeds: jax.Array, attention_mask: jax.Array, cache: KVCache, *,
+                       logits: str = "all", empty_cache: bool = False, unpadded: bool = False):
+        """Appends T tokens ([B,T,D], mask [B,T]) to the cache -> (logits, new cache).
 
-        Used for the prompt (prefill, T = prompt length) and for decoding (T = 1).
+        Used for the prompt (prefill, T = prompt length) and for decoding (T = 1). Static options:
+        logits "all" gives [B,T,V]; "last" gives [B,1,V], all that generation needs (a 13k-token
+        prompt's logits at every position would be 8 GB). `empty_cache` promises cache.end == 0:
+        attention then reads only the T new keys, not the cache's S slots. `unpadded` (with
+        `empty_cache`) promises attention_mask is all True, so a GPU may take cuDNN's causal kernel.
         """
-        b, t, _ = inputs_embeds.shape
+        if logits not in ("all", "last"):
+            raise ValueError(f'logits must be "all" or "last", got {logits!r}')
+        if unpadded and not empty_cache:
+            raise ValueError("unpadded only applies to a prefill into an empty cache (empty_cache=True)")
+        t = inputs_embeds.shape[1]
         attention_mask = attention_mask.astype(bool)
         positions = _positions_from_mask(attention_mask, cache.next_position)
         key_valid = jax.lax.dynamic_update_slice_in_dim(cache.key_valid, attention_mask, cache.end, axis=1)
-        query_slot = cache.end + jnp.arange(t)
-        causal = jnp.arange(cache.length)[None, :] <= query_slot[:, None]  # [T,S]
-        mask = (causal[None] & key_valid[:, None, :])[:, None]
+        if empty_cache:
+            attention = dict(query_slots=None, key_valid=None if unpadded else attention_mask)
+        else:
+            attention = dict(query_slots=cache.end + jnp.arange(t, dtype=jnp.int32), key_valid=key_valid)
         x = inputs_embeds.astype(self.dtype)
         keys, values = [], []
         for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
-            x, (k, v) = layer(x, positions, mask, (k_cache, v_cache), cache.end)
+            x, (k, v) = layer(x, positions, cached_kv=(k_cache, v_cache), write_at=cache.end, **attention)
             keys.append(k)
             values.append(v)
         new_cache = KVCache(keys=keys, values=values, key_valid=key_valid,
                             next_position=cache.next_position + attention_mask.sum(axis=1, dtype=jnp.int32),
                             end=cache.end + t)
+        if logits == "last":
+            x = x[:, -1:]  # left padding puts every row's last token here
         return self.logits(self.model.norm(x)), new_cache

@@ -252,7 +252,32 @@ def test_cli_interactive_chat_keeps_the_conversation(cope_dir, monkeypatch, caps
     assert lines[0].startswith("[80 visual") and lines[1].startswith("[0 visual")
 
 
-@pytest.mark.parametrize("case", ["missing video", "not a video", "truncated video", "no frames", "missing checkpoint",
+def write_frames(path, count):
+    import av
+
+    with av.open(path, "w") as container:  # with count = 0: a stream header and no frames
+        stream = container.add_stream("ffv1", rate=30)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()  # writes the header even when no frame follows
+        for _ in range(count):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), 90, np.uint8), format="rgb24")):
+                container.mux(packet)
+        if count:
+            for packet in stream.encode():
+                container.mux(packet)
+    return path
+
+
+def test_a_one_frame_video_is_one_keyframe(cope_dir, tmp_path, capsys):
+    code, out, _ = run_chat(capsys, "--checkpoint", cope_dir, "--video", write_frames(str(tmp_path / "one.mkv"), 1),
+                            "--question", "What happens?", "--max-new-tokens", "2", "--json")
+    result = json.loads(out)
+    assert code == 0 and (result["keyframes"], result["p_steps"], result["visual_tokens"]) == (1, 0, 20)
+
+
+@pytest.mark.parametrize("case", ["missing video", "not a video", "truncated video", "no frames", "no video stream",
+                                  "missing checkpoint",
                                   "not a cope checkpoint", "no tokenizer", "keyframes per GOP", "wrong record size",
                                   "unknown video id", "json without question"])
 def test_cli_bad_inputs_give_one_line_and_exit_1(case, cope_dir, source_dir, tmp_path, capsys):
@@ -268,6 +293,8 @@ def test_cli_bad_inputs_give_one_line_and_exit_1(case, cope_dir, source_dir, tmp
         (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
         args = ["--checkpoint", cope_dir, "--video", str(tmp_path / "cut.mp4")] + question
     elif case == "no frames":
+        args = ["--checkpoint", cope_dir, "--video", write_frames(str(tmp_path / "empty.mkv"), 0)] + question
+    elif case == "no video stream":
         args = ["--checkpoint", cope_dir, "--video", videos.write_audio_only(str(tmp_path / "audio.mp4"))] + question
     elif case == "missing checkpoint":
         args = ["--checkpoint", str(tmp_path / "none"), "--video", CAMERA_CLIP] + question
@@ -295,7 +322,7 @@ def test_cli_bad_inputs_give_one_line_and_exit_1(case, cope_dir, source_dir, tmp
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and out == "", err
     expected = {"missing video": "no such file", "not a video": "notes.mp4", "truncated video": "cut.mp4",
-                "no frames": "no video stream", "missing checkpoint": "no such directory",
+                "no frames": "empty.mkv: cannot open", "no video stream": "no video stream", "missing checkpoint": "no such directory",
                 "not a cope checkpoint": "not a CoPE-VideoLM", "no tokenizer": "no tokenizer files",
                 "keyframes per GOP": "keyframes_per_gop must be in 1..2", "wrong record size": "64 px",
                 "unknown video id": "similar: carphone_pristine", "json without question": "--json needs --question"}[case]

@@ -68,11 +68,13 @@ def _text_embeddings(graphdef, state, ids):
     return nnx.merge(graphdef, state).embed(ids)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _feed(graphdef, state, embeds, attention_mask, cache, sampling, rng):
-    """Appends tokens to the cache and chooses the next token from the last position's logits."""
+@functools.partial(jax.jit, static_argnums=(0, 5, 7))
+def _feed(graphdef, state, embeds, attention_mask, cache, sampling, rng, first):
+    """Appends tokens to the cache and chooses the next token from the last position's logits.
+    `first`: the conversation's first prefill (empty cache, one unpadded row), which reads only its
+    own keys and may take a fused causal kernel."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.forward_cached(embeds, attention_mask, cache)
+    logits, cache = model.forward_cached(embeds, attention_mask, cache, logits="last", empty_cache=first, unpadded=first)
     return choose_next_token(logits[:, -1], rng, sampling), cache
 
 
@@ -199,7 +201,7 @@ class VideoChat:
         clock = time.perf_counter()
         mask = jnp.ones(embeds.shape[:2], bool)
         token, self.cache = _feed(self.lm_graphdef, self.lm_state, embeds, mask, self.cache, self.sampling,
-                                  self._next_rng())
+                                  self._next_rng(), not self.turns)
         token = int(token[0])
         stats.timings["prefill_s"] = time.perf_counter() - clock
         stats.ttft_s = time.perf_counter() - started
@@ -217,7 +219,7 @@ class VideoChat:
             self._append([token], [False])
             embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray([[token]], jnp.int32))
             token, self.cache = _feed(self.lm_graphdef, self.lm_state, embeds, jnp.ones((1, 1), bool), self.cache,
-                                      self.sampling, self._next_rng())
+                                      self.sampling, self._next_rng(), False)
             token = int(token[0])
             generated.append(token)
         self.pending = token

@@ -166,9 +166,13 @@ def test_kv_cache_generation_equals_full_recomputation(loaded, camera_video):
     ids, is_visual = jnp.asarray([session.ids[:prompt_length]]), jnp.asarray([session.is_visual[:prompt_length]])
     embeds = model.merge_visual(ids, is_visual, visual_stream(model, camera_video, settings))
     stop = set(inference.prompt.stop_token_ids(tokenizer))
+    full = embeds.shape[1] + 12  # left-padded to one length: one compiled cache-free forward
+    last_logits = nnx.jit(lambda lm, e, mask: lm.forward(e, mask)[0, -1])
     recomputed = []
     for _ in range(12):  # greedy, recomputing the whole sequence without a cache at every token
-        token = int(jnp.argmax(model.language_model.forward(embeds)[0, -1]))
+        pad = full - embeds.shape[1]
+        mask = jnp.arange(full)[None] >= pad
+        token = int(jnp.argmax(last_logits(model.language_model, jnp.pad(embeds, ((0, 0), (pad, 0), (0, 0))), mask)))
         if token in stop:
             break
         recomputed.append(token)

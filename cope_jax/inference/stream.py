@@ -119,19 +119,11 @@ def video_from_records(output_dir: str, video_id: str) -> Video:
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoPlan:
-    steps: np.ndarray  # int32 [S] record steps, time order
-    is_keyframe: np.ndarray  # bool [S]
-    timestamps: np.ndarray  # float32 [S]
-    duration: float
+class VideoPlan(sampler.StepPlan):
+    """The sampler's plan (steps, is_keyframe) with what the time instruction needs."""
 
-    @property
-    def num_keyframes(self) -> int:
-        return int(self.is_keyframe.sum())
-
-    @property
-    def num_p_steps(self) -> int:
-        return int((~self.is_keyframe).sum())
+    timestamps: np.ndarray = None  # float32 [S]
+    duration: float = 0.0
 
 
 def plan_video(video: Video, settings: VideoSettings) -> VideoPlan:

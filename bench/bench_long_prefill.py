@@ -2,11 +2,11 @@
 
 Qwen2-0.5B widths (hidden 896, 14 heads / 2 KV heads, head dim 64, MLP 4864, vocab 151936, tied
 embeddings), 2 layers, random weights, fp32, batch 1, an unpadded prompt given as embeddings into a
-KV cache with 64 free slots, as `generation._prefill` does (token choice included):
+KV cache with 64 free slots, as `generation.prefill` does (token choice included):
 
 - before: the prefill until 2026-11-26: "xla" attention with a [B,1,T,S] mask over the whole cache,
   logits at every position ([T,V]: 18.5 GiB at 32k in fp32);
-- after: `_prefill` today: `empty_cache=True` (attention over the prompt's own keys), "auto"
+- after: `generation.prefill` today: `empty_cache=True` (attention over the prompt's own keys), "auto"
   attention (the chunked path on CPU beyond 1k x 1k), logits at the last position only.
 
 Every (path, length) runs in a fresh process whose address space is capped (`--cap-gib`, with

@@ -54,17 +54,19 @@ def choose_next_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfi
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 7))
-def _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, rng, unpadded):
-    """The prompt into a fresh cache; logits only at the last position."""
+@functools.partial(jax.jit, static_argnums=(0, 5, 7, 8))
+def prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, rng, empty_cache, unpadded):
+    """Appends a prompt (or a later turn) to the cache -> (next token [B], cache); logits only at
+    the last position. `empty_cache` / `unpadded`: see Qwen2ForCausalLM.forward_cached."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.forward_cached(inputs_embeds, attention_mask, cache, logits="last", empty_cache=True,
+    logits, cache = model.forward_cached(inputs_embeds, attention_mask, cache, logits="last", empty_cache=empty_cache,
                                          unpadded=unpadded)
     return choose_next_token(logits[:, -1], rng, sampling), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
-def _decode_step(graphdef, state, token, cache, sampling, rng):
+def decode_step(graphdef, state, token, cache, sampling, rng):
+    """Feeds the tokens [B] chosen last -> (next tokens [B], cache)."""
     model = nnx.merge(graphdef, state)
     embeds = model.embed(token[:, None])
     logits, cache = model.forward_cached(embeds, jnp.ones_like(token[:, None], bool), cache)
@@ -85,14 +87,14 @@ def generate_from_embeddings(model: Qwen2ForCausalLM, inputs_embeds: jax.Array, 
     eos = np.atleast_1d(np.asarray(() if sampling.eos_token_id is None else sampling.eos_token_id, np.int32))
     rng, step_rng = jax.random.split(rng)
     unpadded = bool(np.asarray(attention_mask).all())  # static: lets a GPU prefill take cuDNN
-    token, cache = _prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, step_rng, unpadded)
+    token, cache = prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, step_rng, True, unpadded)
     tokens = [np.asarray(token)]
     done = np.isin(tokens[-1], eos)
     for _ in range(sampling.max_new_tokens - 1):
         if done.all():
             break
         rng, step_rng = jax.random.split(rng)
-        token, cache = _decode_step(graphdef, state, token, cache, sampling, step_rng)
+        token, cache = decode_step(graphdef, state, token, cache, sampling, step_rng)
         tokens.append(np.where(done, sampling.pad_token_id, np.asarray(token)))
         done |= np.isin(tokens[-1], eos)
     out = np.full((b, sampling.max_new_tokens), sampling.pad_token_id, np.int32)

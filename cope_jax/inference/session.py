@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cope_jax.generation import SamplingConfig, choose_next_token
+from cope_jax.generation import SamplingConfig, decode_step, prefill
 from cope_jax.inference import prompt as prompts
 from cope_jax.inference.stream import Video, VideoInputError, VideoSettings, plan_video, round_up, video_batch
 from cope_jax.models.cope.modeling import CoPEVideoLM, assemble_stream
@@ -66,16 +66,6 @@ def _video_prompt_embeddings(graphdef, state, keyframe_tokens, p_step_tokens, to
 @functools.partial(jax.jit, static_argnums=0)
 def _text_embeddings(graphdef, state, ids):
     return nnx.merge(graphdef, state).embed(ids)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5, 7))
-def _feed(graphdef, state, embeds, attention_mask, cache, sampling, rng, first):
-    """Appends tokens to the cache and chooses the next token from the last position's logits.
-    `first`: the conversation's first prefill (empty cache, one unpadded row), which reads only its
-    own keys and may take a fused causal kernel."""
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.forward_cached(embeds, attention_mask, cache, logits="last", empty_cache=first, unpadded=first)
-    return choose_next_token(logits[:, -1], rng, sampling), cache
 
 
 def grow_cache(cache: KVCache, length: int) -> KVCache:
@@ -199,30 +189,25 @@ class VideoChat:
 
     def _generate(self, embeds, stats: TurnStats, started: float) -> Iterator[str]:
         clock = time.perf_counter()
-        mask = jnp.ones(embeds.shape[:2], bool)
-        token, self.cache = _feed(self.lm_graphdef, self.lm_state, embeds, mask, self.cache, self.sampling,
-                                  self._next_rng(), not self.turns)
-        token = int(token[0])
+        first = not self.turns  # the conversation's first prefill: an empty cache, one unpadded row
+        token, self.cache = prefill(self.lm_graphdef, self.lm_state, embeds, jnp.ones(embeds.shape[:2], bool), self.cache,
+                                    self.sampling, self._next_rng(), first, first)
+        generated = [int(token[0])]
         stats.timings["prefill_s"] = time.perf_counter() - clock
         stats.ttft_s = time.perf_counter() - started
-        generated = [token]
         text = ""
-        while True:
-            if token in self.stop_ids:
-                break
+        while generated[-1] not in self.stop_ids:
             new_text = self._decode_text(generated)
             if len(new_text) > len(text):
                 yield new_text[len(text):]
                 text = new_text
             if len(generated) >= self.sampling.max_new_tokens:
                 break
-            self._append([token], [False])
-            embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray([[token]], jnp.int32))
-            token, self.cache = _feed(self.lm_graphdef, self.lm_state, embeds, jnp.ones((1, 1), bool), self.cache,
-                                      self.sampling, self._next_rng(), False)
-            token = int(token[0])
-            generated.append(token)
-        self.pending = token
+            self._append([generated[-1]], [False])
+            token, self.cache = decode_step(self.lm_graphdef, self.lm_state, token, self.cache, self.sampling,
+                                            self._next_rng())
+            generated.append(int(token[0]))
+        self.pending = generated[-1]
         stats.generated_tokens = len(generated)
         stats.e2el_s = time.perf_counter() - started
         stats.answer_ids = [t for t in generated if t not in self.stop_ids]

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 EXIT_BAD_INPUT = 1
 
@@ -103,7 +104,21 @@ def open_chat(args, log):
     else:
         load_video = lambda: inference.video_from_records(os.path.expanduser(args.record), args.video_id)  # noqa: E731
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    return inference.VideoChat(model, tokenizer, settings, video=load_video, sampling=sampling, seed=args.seed)
+    return inference.VideoChat(model, tokenizer, settings, video=announced(load_video, args.video or args.video_id, log),
+                               sampling=sampling, seed=args.seed)
+
+
+def announced(load_video, name: str, log):
+    """The video loader, saying what it does: a long video takes a while to turn into primitives."""
+
+    def load():
+        started = time.perf_counter()
+        log(f"reading {name} (decode, canonical re-encode, motion vectors) ...")
+        video = load_video()
+        log(f"{name}: {len(video.timestamps)} steps, {video.duration:.1f}s of video, read in {time.perf_counter() - started:.1f}s")
+        return video
+
+    return load
 
 
 def answer_once(chat, question: str, as_json: bool) -> None:

@@ -73,6 +73,8 @@ def check_arguments(args) -> None:
         raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
 
 
 def stats_line(stats) -> str:
@@ -104,18 +106,24 @@ def open_chat(args, log):
     else:
         load_video = lambda: inference.video_from_records(os.path.expanduser(args.record), args.video_id)  # noqa: E731
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    return inference.VideoChat(model, tokenizer, settings, video=announced(load_video, args.video or args.video_id, log),
+    return inference.VideoChat(model, tokenizer, settings,
+                               video=announced(load_video, args.video or args.video_id, settings.preprocessing, log),
                                sampling=sampling, seed=args.seed)
 
 
-def announced(load_video, name: str, log):
-    """The video loader, saying what it does: a long video takes a while to turn into primitives."""
+def announced(load_video, name: str, expected, log):
+    """The video loader, saying what it does (a long video takes a while to turn into primitives)
+    and when a record was preprocessed otherwise than the checkpoint expects."""
 
     def load():
         started = time.perf_counter()
         log(f"reading {name} (decode, canonical re-encode, motion vectors) ...")
         video = load_video()
         log(f"{name}: {len(video.timestamps)} steps, {video.duration:.1f}s of video, read in {time.perf_counter() - started:.1f}s")
+        ours = (video.fps, video.gop, video.fusion)
+        if ours != (expected.fps, expected.gop, expected.fusion):
+            log(f"NOTE: {name} was preprocessed with fps {video.fps}, gop {video.gop}, fusion {video.fusion}; the "
+                f"checkpoint expects {expected.fps}, {expected.gop}, {expected.fusion} (other fusions: paper App. H.5)")
         return video
 
     return load

@@ -57,7 +57,9 @@ def build_siglip(config, dtype) -> SiglipVisionModel:
     return tower
 
 
-def load_resnet_trunk(model: DeltaPretrainer, path: str) -> None:
+def load_resnet_trunk(model: DeltaPretrainer, path: str, *, only_statistics: bool = False) -> None:
+    """The residual trunk from a converted ResNet checkpoint; `only_statistics`: just its frozen
+    BatchNorm statistics (the trained weights of a stage-1 checkpoint must stay)."""
     if not os.path.isdir(path):
         raise ConfigError(f"config.resnet_checkpoint {path}: no such directory")
     source = checkpoints.load(path)
@@ -65,7 +67,7 @@ def load_resnet_trunk(model: DeltaPretrainer, path: str) -> None:
     if getattr(source, "config", None) != trunk.config:
         raise ConfigError(f"config.resnet_checkpoint {path}: ResNet config {getattr(source, 'config', None)} "
                           f"does not match config.model.resnet {trunk.config}")
-    nnx.update(trunk, nnx.state(source))
+    nnx.update(trunk, nnx.state(source, nnx.BatchStat) if only_statistics else nnx.state(source))
 
 
 def prepare_data(config, workdir: str) -> str:
@@ -274,8 +276,11 @@ def load_delta_encoder(path: str) -> tuple[DeltaEncoder, dict]:
     if not os.path.isdir(os.path.join(path, "checkpoints")) or not os.path.exists(config_path):
         raise ConfigError(f"{path}: not a stage-1 workdir ({CONFIG_FILE} and checkpoints/ expected) "
                           "nor a cope_jax checkpoint")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(config_path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
     ckpt = training.Checkpoints(path, config.keep_checkpoints, config.checkpoint_every_steps)
     step = ckpt.latest_step()
     if step is None:
@@ -285,12 +290,17 @@ def load_delta_encoder(path: str) -> tuple[DeltaEncoder, dict]:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params)
     rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest)  # BatchNorm statistics: replaced below
-    model = nnx.merge(graph, ckpt.restore_params(step, params), rest)
-    ckpt.close()
+    try:
+        params = ckpt.restore_params(step, params)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"{ckpt.directory}: cannot restore step {step} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    finally:
+        ckpt.close()
+    model = nnx.merge(graph, params, rest)
     fresh = DeltaEncoder(model.config, rngs=nnx.Rngs(0))  # BatchNorm statistics as initialised in stage 1
     nnx.update(model.delta_encoder, nnx.state(fresh, nnx.BatchStat))
     if config.resnet_checkpoint:
-        load_resnet_trunk(model, config.resnet_checkpoint)
+        load_resnet_trunk(model, config.resnet_checkpoint, only_statistics=True)
     return model.delta_encoder, {"source": path, "step": int(step)}
 
 

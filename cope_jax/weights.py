@@ -255,6 +255,7 @@ def apply_rules(reader: CheckpointReader, rules: list[Rule], abstract_module: nn
         else:
             filled[target] = key
             plan.append((key, target, rule.transform))
+    problems += [f"supplied {target} is not a weight of the model" for target in values if target not in targets]
     for target, var in targets.items():
         if target in values and tuple(values[target].shape) != tuple(var.get_value().shape):
             problems.append(f"supplied {target} has shape {tuple(values[target].shape)}, the model needs {tuple(var.get_value().shape)}")

@@ -210,17 +210,21 @@ class Records:
     def __getstate__(self):
         return {"output_dir": self.output_dir, "paths": self.paths, "_source": None}
 
-    def video_ids(self) -> list[str]:
-        """Every record's video id in index order, from the shards' JSON sidecars (no record is read)."""
-        ids = []
+    def videos(self) -> list[dict]:
+        """Every record's per-video counts in index order (video_id, source, steps, frames, seconds,
+        bytes), from the shards' JSON sidecars: no record is read."""
+        videos = []
         for path in self.paths:
             sidecar = path[: -len(".array_record")] + ".json"
             try:
                 with builtins.open(sidecar) as f:
-                    ids += [video["video_id"] for video in json.load(f)["videos"]]
+                    videos += json.load(f)["videos"]
             except (OSError, ValueError, KeyError) as e:
                 raise RecordError(f"{sidecar}: cannot list the shard's videos ({e})") from None
-        return ids
+        return videos
+
+    def video_ids(self) -> list[str]:
+        return [video["video_id"] for video in self.videos()]
 
     def index_of(self, video_id: str) -> int:
         """The index of the record with this video id (the path under the input root, no extension)."""

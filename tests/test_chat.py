@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,11 +75,11 @@ def test_convert_assembles_a_cope_checkpoint(cope_dir, delta_dir):
     assert meta["config"]["pool_mode"] == "bilinear"
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(cope_dir)) <= {
         "tokenizer.json", "tokenizer_config.json", "model.json", "params"}
-    model = checkpoints.load(cope_dir)
-    expected = checkpoints.load(delta_dir)
-    for (path, ours), (_, theirs) in zip(nnx.to_flat_state(nnx.state(model.delta_encoder)),
-                                         nnx.to_flat_state(nnx.state(expected))):
-        np.testing.assert_array_equal(np.asarray(ours.get_value()), np.asarray(theirs.get_value()), err_msg=str(path))
+    ours = dict(nnx.to_flat_state(nnx.state(checkpoints.load(cope_dir).delta_encoder)))
+    theirs = dict(nnx.to_flat_state(nnx.state(checkpoints.load(delta_dir))))
+    assert ours.keys() == theirs.keys()
+    for path in theirs:
+        np.testing.assert_array_equal(np.asarray(ours[path].get_value()), np.asarray(theirs[path].get_value()), err_msg=str(path))
 
 
 def test_convert_without_delta_encoder_says_it_is_random(source_dir, tmp_path, capsys):
@@ -155,6 +156,29 @@ def test_first_turn_reads_an_interleaved_stream(loaded, camera_video):
     assert 1 <= stats.generated_tokens <= 8 and 0 < stats.ttft_s <= stats.e2el_s
     assert set(stats.timings) == {"primitives_s", "vision_s", "delta_s", "prefill_s"}
     assert answer == loaded[1].decode(stats.answer_ids, skip_special_tokens=True)
+
+
+def test_time_instruction_gives_the_clips_duration_and_step_times(loaded, camera_video):
+    """carphone: 121 frames at 30 fps (the source's 4.03 s), steps at 0, 1, 2, 3, 4 s."""
+    session = new_chat(loaded, camera_video, n=1)
+    list(session.ask("What happens?"))
+    prompt = loaded[1].decode([t for t, v in zip(session.ids, session.is_visual) if not v])
+    assert ("The video lasts for 4.03 seconds, and 5 frames are uniformly sampled from it. These frames are located "
+            "at 0.00s,1.00s,2.00s,3.00s,4.00s.Please answer") in prompt
+
+
+def test_a_turn_stopped_early_leaves_a_consistent_conversation(loaded, camera_video):
+    """A caller that stops reading after the first piece: the next turn still sees the video."""
+    model, tokenizer, settings = loaded
+    stopped, finished = new_chat(loaded, camera_video, n=8), new_chat(loaded, camera_video, n=1)
+    next(iter(stopped.ask("What happens?")))
+    list(finished.ask("What happens?"))
+    assert stopped.turns[0].answer_ids == finished.turns[0].answer_ids  # one token each, pending
+    list(stopped.ask("Why?"))
+    list(finished.ask("Why?"))
+    assert stopped.ids[: len(finished.ids)] == finished.ids  # the same conversation up to turn 2's answer
+    assert stopped.last.prompt_tokens == finished.last.prompt_tokens
+    assert stopped.last.answer_ids[:1] == finished.last.answer_ids[:1]
 
 
 def test_kv_cache_generation_equals_full_recomputation(loaded, camera_video):
@@ -283,7 +307,7 @@ def test_a_one_frame_video_is_one_keyframe(cope_dir, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["missing video", "not a video", "truncated video", "no frames", "no video stream",
                                   "missing checkpoint",
                                   "not a cope checkpoint", "no tokenizer", "keyframes per GOP", "wrong record size",
-                                  "unknown video id", "json without question"])
+                                  "unknown video id", "json without question", "temperature"])
 def test_cli_bad_inputs_give_one_line_and_exit_1(case, cope_dir, source_dir, tmp_path, capsys):
     import videos
 
@@ -322,6 +346,8 @@ def test_cli_bad_inputs_give_one_line_and_exit_1(case, cope_dir, source_dir, tmp
         args = ["--checkpoint", cope_dir, "--record", records_dir, "--video-id", video_id] + question
     elif case == "json without question":
         args = ["--checkpoint", cope_dir, "--video", CAMERA_CLIP, "--json"]
+    elif case == "temperature":
+        args = ["--checkpoint", cope_dir, "--video", CAMERA_CLIP, "--temperature", "-1"] + question
     code, out, err = run_chat(capsys, *args)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and out == "", err
@@ -329,7 +355,8 @@ def test_cli_bad_inputs_give_one_line_and_exit_1(case, cope_dir, source_dir, tmp
                 "no frames": "empty.mkv: cannot open", "no video stream": "no video stream", "missing checkpoint": "no such directory",
                 "not a cope checkpoint": "not a CoPE-VideoLM", "no tokenizer": "no tokenizer files",
                 "keyframes per GOP": "keyframes_per_gop must be in 1..2", "wrong record size": "64 px",
-                "unknown video id": "similar: carphone_pristine", "json without question": "--json needs --question"}[case]
+                "unknown video id": "similar: carphone_pristine", "json without question": "--json needs --question",
+                "temperature": "--temperature must be >= 0"}[case]
     assert expected in errors[0]
 
 
@@ -348,7 +375,14 @@ def test_convert_takes_the_delta_encoder_of_a_stage_1_workdir(source_dir, tmp_pa
 
     from cope_jax import pretrain
 
-    config = tiny_config(total_steps=2, warmup_steps=1, checkpoint_every_steps=1, demo_clips=2, eval_max_videos=1)
+    from cope_jax.models.resnet.modeling import ResNet, ResNetConfig
+
+    resnet = ResNet(ResNetConfig.tiny(), rngs=nnx.Rngs(5))
+    statistics = nnx.state(resnet, nnx.BatchStat)  # not the initial 0 / 1, so a mix-up shows
+    nnx.update(resnet, jax.tree.map(lambda x: x + np.random.default_rng(0).uniform(0.5, 1.5, x.shape).astype(x.dtype), statistics))
+    checkpoints.save(str(tmp_path / "resnet"), resnet)
+    config = tiny_config(total_steps=2, warmup_steps=1, checkpoint_every_steps=1, demo_clips=2, eval_max_videos=1,
+                         resnet_checkpoint=str(tmp_path / "resnet"))
     config.model.image_size = config.siglip.image_size = VISION["image_size"]
     workdir = str(tmp_path / "stage1")
     trained = pretrain.train(config, workdir)["params"]["delta_encoder"]
@@ -359,5 +393,10 @@ def test_convert_takes_the_delta_encoder_of_a_stage_1_workdir(source_dir, tmp_pa
     model = checkpoints.load(output)
     assert model.config.delta.depth == config.model.depth and model.config.delta.image_size == 112
     ours = dict(nnx.to_flat_state(nnx.state(model.delta_encoder, nnx.Param)))
-    for path, value in nnx.to_flat_state(trained):
+    trained = dict(nnx.to_flat_state(trained))
+    assert ours.keys() == trained.keys()
+    for path, value in trained.items():  # the trained weights, the trunk's included
         np.testing.assert_array_equal(np.asarray(ours[path].get_value()), np.asarray(value.get_value()), err_msg=str(path))
+    ours_statistics = dict(nnx.to_flat_state(nnx.state(model.delta_encoder.residual_trunk, nnx.BatchStat)))
+    for path, value in nnx.to_flat_state(nnx.state(resnet, nnx.BatchStat)):  # the frozen statistics of the start
+        np.testing.assert_array_equal(np.asarray(ours_statistics[path].get_value()), np.asarray(value.get_value()))

@@ -30,7 +30,7 @@ def fake_video(num_steps: int, steps_per_gop: int = 8, size: int = SIZE, fusion:
     read = lambda steps: {k: v[np.asarray(steps)] for k, v in data.items()}  # noqa: E731
     return Video(video_id=f"v{seed}", source=f"fake{seed}.mp4", fps=30.0, gop=steps_per_gop * fusion, fusion=fusion,
                  size=size, is_gop_start=is_gop_start, timestamps=np.arange(num_steps, dtype=np.float32) * fusion / 30,
-                 read=read)
+                 read=read, seconds=num_steps * fusion / 30)
 
 
 def settings(**switches) -> VideoSettings:

@@ -68,6 +68,18 @@ def _text_embeddings(graphdef, state, ids):
     return nnx.merge(graphdef, state).embed(ids)
 
 
+@dataclasses.dataclass
+class _Turn:
+    """A turn ready to prefill: its embeddings, the cache to prefill into, its ids."""
+
+    embeds: jax.Array  # [1,T,D]
+    cache: KVCache
+    ids: list
+    is_visual: list
+    stats: TurnStats
+    first: bool
+
+
 def grow_cache(cache: KVCache, length: int) -> KVCache:
     """The same cache with room for `length` slots (new slots empty)."""
     extra = length - cache.length
@@ -117,17 +129,18 @@ class VideoChat:
         return self.turns[-1]
 
     def ask(self, question: str) -> Iterator[str]:
-        """Streams the answer's text; `self.last` holds the turn's TurnStats once it is exhausted."""
+        """Streams the answer's text; `self.last` holds the turn's TurnStats once the answer ends
+        (or the caller stops reading it: the conversation goes on from what was generated)."""
         started = time.perf_counter()
         if self.cache is None:
-            embeds, stats = self._first_turn_embeddings(question)
+            turn = self._first_turn(question)
         else:
-            embeds, stats = self._next_turn_embeddings(question)
-        yield from self._generate(embeds, stats, started)
+            turn = self._next_turn(question)
+        yield from self._generate(turn, started)
 
     # -- prompts
 
-    def _first_turn_embeddings(self, question: str):
+    def _first_turn(self, question: str) -> "_Turn":
         timings = {}
         clock = time.perf_counter()
         video = self.load_video()
@@ -152,23 +165,22 @@ class VideoChat:
         tokenized = prompts.tokenize(self.tokenizer, pieces, int(batch.lengths[0]))
         embeds = _video_prompt_embeddings(self.graphdef, self.state, keyframe_tokens, p_step_tokens,
                                           batch.token_source, tokenized.ids[None], tokenized.is_visual[None])
-        self._append(tokenized.ids.tolist(), tokenized.is_visual.tolist())
-        self.cache = KVCache.init(cfg.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens, CACHE_BLOCK),
-                                  self.model.language_model.dtype)
+        cache = KVCache.init(cfg.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens, CACHE_BLOCK),
+                             self.model.language_model.dtype)
         stats = TurnStats(visual_tokens=int(batch.lengths[0]), prompt_tokens=len(tokenized), generated_tokens=0,
                           ttft_s=0.0, e2el_s=0.0, keyframes=plan.num_keyframes, p_steps=plan.num_p_steps,
                           timings=timings)
-        return embeds, stats
+        return _Turn(embeds, cache, tokenized.ids.tolist(), tokenized.is_visual.tolist(), stats, first=True)
 
-    def _next_turn_embeddings(self, question: str):
+    def _next_turn(self, question: str) -> "_Turn":
         ids = self._close_previous_answer()
         ids += prompts.tokenize(self.tokenizer, prompts.user_pieces(question) + prompts.assistant_header()).ids.tolist()
-        self._append(ids, [False] * len(ids))
         needed = int(self.cache.end) + len(ids) + self.sampling.max_new_tokens
-        self.cache = grow_cache(self.cache, round_up(needed, CACHE_BLOCK))
         embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(ids, jnp.int32)[None])
-        return embeds, TurnStats(visual_tokens=0, prompt_tokens=len(ids), generated_tokens=0, ttft_s=0.0, e2el_s=0.0,
-                                 keyframes=0, p_steps=0)
+        stats = TurnStats(visual_tokens=0, prompt_tokens=len(ids), generated_tokens=0, ttft_s=0.0, e2el_s=0.0,
+                          keyframes=0, p_steps=0)
+        return _Turn(embeds, grow_cache(self.cache, round_up(needed, CACHE_BLOCK)), ids, [False] * len(ids), stats,
+                     first=False)
 
     def _close_previous_answer(self) -> list[int]:
         """Ids ending the previous assistant turn: its last token (still outside the cache), the
@@ -187,33 +199,43 @@ class VideoChat:
         self.rng, step = jax.random.split(self.rng)
         return step
 
-    def _generate(self, embeds, stats: TurnStats, started: float) -> Iterator[str]:
-        clock = time.perf_counter()
-        first = not self.turns  # the conversation's first prefill: an empty cache, one unpadded row
-        token, self.cache = prefill(self.lm_graphdef, self.lm_state, embeds, jnp.ones(embeds.shape[:2], bool), self.cache,
-                                    self.sampling, self._next_rng(), first, first)
+    def _generate(self, turn: "_Turn", started: float) -> Iterator[str]:
+        """Prefills the turn, then decodes. The conversation (ids, cache, pending token) changes only
+        once the prefill succeeded, and stays consistent if the caller stops reading early."""
+        clock, stats = time.perf_counter(), turn.stats
+        # The first prefill is an empty cache and one unpadded row: it reads only its own keys and
+        # may take a fused causal kernel.
+        token, self.cache = prefill(self.lm_graphdef, self.lm_state, turn.embeds, jnp.ones(turn.embeds.shape[:2], bool),
+                                    turn.cache, self.sampling, self._next_rng(), turn.first, turn.first)
+        self._append(turn.ids, turn.is_visual)
         generated = [int(token[0])]
+        self.pending = generated[-1]
         stats.timings["prefill_s"] = time.perf_counter() - clock
         stats.ttft_s = time.perf_counter() - started
         text = ""
-        while generated[-1] not in self.stop_ids:
-            new_text = self._decode_text(generated)
-            if len(new_text) > len(text):
-                yield new_text[len(text):]
-                text = new_text
-            if len(generated) >= self.sampling.max_new_tokens:
-                break
-            self._append([generated[-1]], [False])
-            token, self.cache = decode_step(self.lm_graphdef, self.lm_state, token, self.cache, self.sampling,
-                                            self._next_rng())
-            generated.append(int(token[0]))
-        self.pending = generated[-1]
-        stats.generated_tokens = len(generated)
-        stats.e2el_s = time.perf_counter() - started
-        stats.answer_ids = [t for t in generated if t not in self.stop_ids]
-        self.turns.append(stats)
+        try:
+            while generated[-1] not in self.stop_ids:
+                new_text = self._decode_text(generated)
+                if len(new_text) > len(text):
+                    yield new_text[len(text):]
+                    text = new_text
+                if len(generated) >= self.sampling.max_new_tokens:
+                    break
+                token, self.cache = decode_step(self.lm_graphdef, self.lm_state, token, self.cache, self.sampling,
+                                                self._next_rng())
+                self._append([generated[-1]], [False])
+                generated.append(int(token[0]))
+                self.pending = generated[-1]
+            final = self._decode_text(generated, complete=True)  # bytes held back for a character that never came
+            if len(final) > len(text):
+                yield final[len(text):]
+        finally:
+            stats.generated_tokens = len(generated)
+            stats.e2el_s = time.perf_counter() - started
+            stats.answer_ids = [t for t in generated if t not in self.stop_ids]
+            self.turns.append(stats)
 
-    def _decode_text(self, ids: list[int]) -> str:
+    def _decode_text(self, ids: list[int], complete: bool = False) -> str:
         text = self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
-        return text.rstrip("\ufffd")  # an incomplete multi-byte character waits for its next token
+        return text if complete else text.rstrip("\ufffd")  # an incomplete character waits for its next token
 

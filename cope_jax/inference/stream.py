@@ -82,20 +82,20 @@ class Video:
     is_gop_start: np.ndarray  # bool [T]
     timestamps: np.ndarray  # float32 [T], seconds in the source
     read: Callable[[Sequence[int]], dict]  # steps -> records.decode dict of those steps
+    seconds: float  # duration: resampled frames / fps, as LLaVA-Video's total frames / fps
 
     @property
     def duration(self) -> float:
-        """Seconds the steps cover: the last step lasts `fusion` frames."""
-        return float(self.timestamps[-1]) + self.fusion / self.fps
+        return self.seconds
 
 
-def _video_from_record_bytes(data: bytes) -> Video:
+def _video_from_record_bytes(data: bytes, seconds: float) -> Video:
     header, _ = records.read_header(data)
     return Video(video_id=header["video_id"], source=header["source"], fps=header["fps"], gop=header["gop"],
                  fusion=header["fusion"], size=header["height"],
                  is_gop_start=np.asarray(header["is_gop_start"], bool),
                  timestamps=np.asarray(header["timestamps"], np.float32),
-                 read=lambda steps: records.decode(data, steps))
+                 read=lambda steps: records.decode(data, steps), seconds=float(seconds))
 
 
 def video_from_file(path: str, settings: codec.Settings) -> Video:
@@ -103,17 +103,18 @@ def video_from_file(path: str, settings: codec.Settings) -> Video:
     from data_pipeline import preprocess
 
     try:
-        data, _ = preprocess.encode_video(os.path.expanduser(path), settings)
+        data, counts = preprocess.encode_video(os.path.expanduser(path), settings)
     except codec.VideoError as e:
         raise VideoInputError(f"{path}: {e}") from None
-    return _video_from_record_bytes(data)
+    return _video_from_record_bytes(data, counts["seconds"])
 
 
 def video_from_records(output_dir: str, video_id: str) -> Video:
     """A video of a preprocessing output directory, by its id."""
     try:
         data = records.open(output_dir)
-        return _video_from_record_bytes(data.raw(data.index_of(video_id)))
+        index = data.index_of(video_id)
+        return _video_from_record_bytes(data.raw(index), data.videos()[index]["seconds"])
     except records.RecordError as e:
         raise VideoInputError(str(e)) from None
 
@@ -153,10 +154,6 @@ class VideoBatch:
     residual: np.ndarray  # int16 [P,H,W,3]
     token_source: np.ndarray  # int32 [B,L]
     lengths: np.ndarray  # int32 [B] real visual tokens per video
-
-    @property
-    def padding_index(self) -> int:
-        return int(self.token_source.max(initial=0))
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -25,3 +25,5 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_convert.py
 	$(VENV)/bin/python bench/bench_preprocess.py
 	$(VENV)/bin/python bench/bench_pretrain.py
+	$(VENV)/bin/python bench/bench_long_prefill.py
+	$(VENV)/bin/python bench/bench_ttft.py

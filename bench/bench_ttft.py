@@ -1,7 +1,8 @@
 """Time to first token: CoPE vs dense 64 keyframes (paper §4.4, Fig. 4a).
 
     .venv/bin/python bench/bench_ttft.py                    # --part all: (a) measured on this CPU, (b) 7B FLOPs
-    .venv/bin/python bench/bench_ttft.py --part flops       # (b) only (abstract weights, a minute)
+    .venv/bin/python bench/bench_ttft.py --part flops       # (b) only (abstract weights, under a minute)
+    .venv/bin/python bench/bench_ttft.py --part flops --flops-shapes reduced   # (b) for the CPU model of (a)
     .venv/bin/python bench/bench_ttft.py --part cpu --device gpu   # (a) at the real 7B shapes, bf16, on a GPU
 
 The same video (a synthetic 64-second pan, 30 fps, GOP 240, fusion 30 = 8 steps per GOP, 8 GOPs)
@@ -26,7 +27,8 @@ CoPE with 1, 2 and 4 keyframes per GOP (the rest P steps of 10 tokens).
     the last position only). XLA counts a loop body once, so the prefill is lowered with the
     direct ("xla") attention, which has no loop and counts the full T x T score matrix; the
     causal count (what a flash kernel that skips the future does) subtracts the masked part
-    analytically. An analytic count cross-checks XLA's.
+    analytically. An analytic count cross-checks XLA's. `--flops-shapes reduced` counts the CPU
+    model of (a) instead, to tell its FLOP mix from this CPU's speed at each part.
 """
 
 from __future__ import annotations
@@ -148,9 +150,11 @@ def planned_video(seconds: float, size: int) -> inference.Video:
     """The step structure of the clip without decoding it (for the FLOP count): one step per
     second, a GOP every 8 steps, exactly what preprocessing gives the clip."""
     steps = int(round(seconds))
-    return inference.Video(video_id="planned", source="planned", fps=30.0, gop=240, fusion=30, size=size,
-                           is_gop_start=np.arange(steps) % 8 == 0, timestamps=np.arange(steps, dtype=np.float32),
-                           read=None)
+    fields = dict(video_id="planned", source="planned", fps=30.0, gop=240, fusion=30, size=size,
+                  is_gop_start=np.arange(steps) % 8 == 0, timestamps=np.arange(steps, dtype=np.float32), read=None)
+    if "seconds" in {f.name for f in dataclasses.fields(inference.Video)}:
+        fields["seconds"] = float(steps)  # resampled frames / fps
+    return inference.Video(**fields)
 
 
 def prompt_length(tokenizer, video: inference.Video, settings: inference.VideoSettings, config: CoPEConfig):
@@ -262,7 +266,7 @@ def analytic_prefill(text: Qwen2Config, tokens: int) -> dict:
 
 
 def part_flops(args, tokenizer) -> dict:
-    config = CoPEConfig.llava_video_7b()
+    config = CoPEConfig.llava_video_7b() if args.flops_shapes == "7b" else reduced_config(args)
     abstract = nnx.eval_shape(lambda: CoPEVideoLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     size = config.vision.image_size
@@ -323,7 +327,8 @@ def part_flops(args, tokenizer) -> dict:
     chunked_graphdef = nnx.graphdef(abstract.language_model)
     chunked, _ = lowered_flops(lambda s, e: prefill(s, e, chunked_graphdef), lm_state,
                                spec((1, dense["prompt_tokens"], config.text.hidden_size), jnp.float32))
-    return dict(model=describe(config, abstract, "abstract"), rows=rows, chunked_dense_prefill=chunked)
+    return dict(shapes=args.flops_shapes, model=describe(config, abstract, "abstract"), rows=rows,
+                chunked_dense_prefill=chunked)
 
 
 def flops_table(result: dict) -> str:
@@ -377,6 +382,8 @@ def parse_args(argv=None):
     p.add_argument("--delta-depth", type=int, default=1, help="(a) on the CPU: Δ-encoder transformer layers per branch (paper: 4)")
     p.add_argument("--llm-layers", type=int, default=24, help="(a) on the CPU: Qwen2-0.5B-shaped LLM layers (0.5B has 24)")
     p.add_argument("--vocab", type=int, default=151936, help="(a) on the CPU: LLM vocabulary (Qwen2-0.5B: 151936)")
+    p.add_argument("--flops-shapes", choices=("7b", "reduced"), default="7b",
+                   help="(b) counts the LLaVA-Video-7B shapes, or the reduced CPU model of (a) (same layer options)")
     p.add_argument("--json", help="also write every number to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.max_new_tokens < 1 or args.seconds <= 0:
@@ -396,7 +403,8 @@ def main(argv=None):
         print(f"(a) measured on {args.device}: warm-up + {args.repeats} timed run(s) per configuration", flush=True)
         results["measured"] = part_measured(args, tokenizer)
     if args.part in ("flops", "all"):
-        print("(b) FLOPs at the LLaVA-Video-7B shapes (XLA cost analysis, abstract weights)", flush=True)
+        shapes = "LLaVA-Video-7B shapes" if args.flops_shapes == "7b" else "reduced CPU model's shapes"
+        print(f"(b) FLOPs at the {shapes} (XLA cost analysis, abstract weights)", flush=True)
         results["flops"] = part_flops(args, tokenizer)
     results["wall_s"] = time.perf_counter() - started
     print()
@@ -405,7 +413,8 @@ def main(argv=None):
         print(f"### (a) measured: {m['device']} ({m['backend']}), {m['dtype']}\n\n{m['model']}\n")
         print(measured_table(m) + "\n")
     if "flops" in results:
-        print(f"### (b) FLOPs at the real shapes\n\n{results['flops']['model']}\n")
+        shapes = "the real 7B shapes" if args.flops_shapes == "7b" else "the reduced CPU model's shapes"
+        print(f"### (b) FLOPs at {shapes}\n\n{results['flops']['model']}\n")
         print(flops_table(results["flops"]) + "\n")
     print(f"wall time {results['wall_s']:.0f} s; load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine, median_seconds  # noqa: E402
 from configs import pretrain as configs  # noqa: E402
-from cope_jax import pretrain, training  # noqa: E402
+from cope_jax.training import core as training, pretrain  # noqa: E402
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, parameter_count  # noqa: E402
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 

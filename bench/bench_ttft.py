@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine  # noqa: E402
 from cope_jax import inference  # noqa: E402
-from cope_jax.generation import SamplingConfig  # noqa: E402
+from cope_jax.inference.generation import SamplingConfig  # noqa: E402
 from cope_jax.inference import prompt as prompts  # noqa: E402
 from cope_jax.models.common import parameter_count  # noqa: E402
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM, delta_for_tower  # noqa: E402

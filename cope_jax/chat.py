@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+from cope_jax.errors import UserError
+
 EXIT_BAD_INPUT = 1
 
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     pass
 
 
@@ -92,7 +94,7 @@ def stats_json(answer: str, stats) -> dict:
 
 def open_chat(args, log):
     from cope_jax import checkpoints, inference
-    from cope_jax.generation import SamplingConfig
+    from cope_jax.inference.generation import SamplingConfig
 
     switches = dict(keyframes_per_gop=args.keyframes_per_gop, delta_mode=args.delta_mode,
                     dense_frames=args.dense_frames, max_gops=args.max_gops)
@@ -158,10 +160,6 @@ def interactive(chat) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda message: print(message, file=sys.stderr, flush=True))
-    from cope_jax.checkpoints import CheckpointError
-    from cope_jax.inference import VideoInputError
-    from data_pipeline.records import RecordError
-
     try:
         check_arguments(args)
         chat = open_chat(args, log)
@@ -169,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             answer_once(chat, args.question, args.json)
         else:
             interactive(chat)
-    except (UsageError, CheckpointError, VideoInputError, RecordError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

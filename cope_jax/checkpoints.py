@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cope_jax.errors import UserError
 from cope_jax import sharding
 from cope_jax.models import KINDS, config_from_dict, config_to_dict, kind_of
 
@@ -22,7 +23,7 @@ MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint directory is missing, incomplete or not a cope_jax checkpoint."""
 
 

@@ -33,6 +33,7 @@ import time
 import jax.numpy as jnp
 from flax import nnx
 
+from cope_jax.errors import UserError
 from cope_jax import checkpoints, sharding
 from cope_jax.models.common import resolve_dtype
 from cope_jax.models.cope import params as cope_params
@@ -188,12 +189,11 @@ def convert(source: str, output: str, dtype="float32", overwrite: bool = False, 
         raise ConversionError(f"{output}: output already exists (pass --overwrite to replace it)")
     encoder, delta_info = None, None
     if delta_encoder:
-        from cope_jax import pretrain
-        from cope_jax.training import ConfigError
+        from cope_jax.training import pretrain
 
         try:
             encoder, delta_info = pretrain.load_delta_encoder(delta_encoder)
-        except (ConfigError, checkpoints.CheckpointError) as e:
+        except UserError as e:
             raise ConversionError(f"--delta-encoder {e}") from None
     model = from_pytorch(source, dtype, progress=progress, delta_encoder=encoder)
     info = {"source": source}
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = convert(args.source, args.output, args.dtype, overwrite=args.overwrite,
                         delta_encoder=args.delta_encoder, video_settings=video_settings_from_args(args))
-    except ConversionError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     count = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model)))

@@ -24,11 +24,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.ini
 
 
 def run(config, workdir: str, mode: str = "train") -> dict:
-    from cope_jax import pretrain
+    from cope_jax.errors import ConfigError
+    from cope_jax.training import pretrain
 
     stages = {"pretrain": (pretrain.train, pretrain.evaluate_only)}
     if config.stage not in stages:
-        raise pretrain.ConfigError(f"config.stage {config.stage!r} is not one of {sorted(stages)}")
+        raise ConfigError(f"config.stage {config.stage!r} is not one of {sorted(stages)}")
     train, evaluate = stages[config.stage]
     return train(config, workdir) if mode == "train" else evaluate(config, workdir)
 
@@ -43,12 +44,11 @@ def main(argv) -> None:
 
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
-    from cope_jax.training import ConfigError
-    from data_pipeline.records import RecordError
+    from cope_jax.errors import UserError
 
     try:
         run(_CONFIG.value, os.path.abspath(_WORKDIR.value), _MODE.value)
-    except (ConfigError, RecordError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

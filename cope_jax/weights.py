@@ -22,8 +22,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from cope_jax.errors import UserError
 
-class ConversionError(Exception):
+
+class ConversionError(UserError):
     """A checkpoint cannot be converted; the message names the file and the reason."""
 
 

@@ -15,7 +15,7 @@ from flax import nnx
 from test_cope import Reference, save_llava_next
 
 from cope_jax import chat, checkpoints, convert, inference
-from cope_jax.generation import SamplingConfig, generate_from_embeddings
+from cope_jax.inference.generation import SamplingConfig, generate_from_embeddings
 from cope_jax.models.cope.modeling import tiny_delta_for_tower
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder
 from cope_jax.models.siglip.modeling import SiglipVisionConfig
@@ -373,7 +373,7 @@ def test_convert_takes_the_delta_encoder_of_a_stage_1_workdir(source_dir, tmp_pa
     """A short stage-1 run at the tower's size and width, then its workdir as --delta-encoder."""
     from test_pretrain import tiny_config
 
-    from cope_jax import pretrain
+    from cope_jax.training import pretrain
 
     from cope_jax.models.resnet.modeling import ResNet, ResNetConfig
 

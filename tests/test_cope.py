@@ -18,7 +18,7 @@ from conftest import assert_close
 from safetensors.torch import save_file
 
 from cope_jax.convert import from_pytorch
-from cope_jax.generation import SamplingConfig, generate_from_embeddings
+from cope_jax.inference.generation import SamplingConfig, generate_from_embeddings
 from cope_jax.models.cope.modeling import CoPEVideoLM, bilinear_matrix
 
 VISION = dict(image_size=70, patch_size=14, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import pretrain as pretrain_configs
-from cope_jax import metrics, pretrain, training
+from cope_jax.training import core as training, metrics, pretrain
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, parameter_count
 from cope_jax.models.resnet.modeling import ResNetConfig
 
@@ -87,7 +87,7 @@ def test_tiny_model_overfits_one_batch(data_dir, tmp_path):
 KILL_AT_STEP_4 = """
 import os, signal, sys
 from configs import pretrain as configs
-from cope_jax import pretrain, training
+from cope_jax.training import core as training, pretrain
 save = training.Checkpoints.save
 def save_then_die(self, step, *args, **kwargs):
     saved = save(self, step, *args, **kwargs)
@@ -107,7 +107,7 @@ def _order(workdir):
     order = {}
     for line in open(os.path.join(workdir, "data_order.jsonl")):
         entry = json.loads(line)
-        order[entry["step"]] = entry["pairs"]  # steps replayed after a resume overwrite the killed run's
+        order[entry["step"]] = entry["examples"]  # steps replayed after a resume overwrite the killed run's
     return order
 
 

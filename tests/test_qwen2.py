@@ -11,7 +11,7 @@ from conftest import assert_close
 from flax import nnx
 
 from cope_jax.convert import from_pytorch
-from cope_jax.generation import SamplingConfig, generate
+from cope_jax.inference.generation import SamplingConfig, generate
 from cope_jax.models.qwen2.modeling import KVCache, Qwen2Config, Qwen2ForCausalLM, set_attention
 
 # kv heads 1 / 2 / full, tied and untied, rope theta 1e4 and 1e6, odd vocab sizes.

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cope_jax.generation import SamplingConfig, decode_step, prefill
+from cope_jax.inference.generation import SamplingConfig, decode_step, prefill
 from cope_jax.inference import prompt as prompts
 from cope_jax.inference.stream import Video, VideoInputError, VideoSettings, plan_video, round_up, video_batch
 from cope_jax.models.cope.modeling import CoPEVideoLM, assemble_stream

@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from cope_jax.errors import UserError
 from cope_jax.models.cope.modeling import DELTA_MODES
 from data_pipeline import codec, records, sampler
 
 
-class VideoInputError(ValueError):
+class VideoInputError(UserError, ValueError):
     """A video, record or setting that cannot give a correct token stream; the message names it."""
 
 

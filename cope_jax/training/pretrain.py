@@ -17,17 +17,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cope_jax import checkpoints, metrics, retrieval, sharding, training
+from cope_jax import checkpoints, sharding
+from cope_jax.errors import ConfigError
 from cope_jax.models.cope.modeling import normalize_frames
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, DeltaPretrainer, parameter_count
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
-from cope_jax.training import ConfigError
+from cope_jax.training import core as training
+from cope_jax.training import loop, retrieval
+from cope_jax.training.loop import log
 from data_pipeline import loaders, records
-
-
-def log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
 
 
 def delta_config(config) -> DeltaEncoderConfig:
@@ -87,6 +85,7 @@ def prepare_data(config, workdir: str) -> str:
                                 "--gop", "120", "--fusion", "10", "--num-shards", "2", "--workers", "1", "--quiet"])
         if code:
             raise RuntimeError("preprocessing the demo clips failed")
+    training.wait_for_process_0("demo data")
     return data_dir
 
 
@@ -158,14 +157,32 @@ class Stage:
                                           workers=config.data_workers, process_index=jax.process_index(),
                                           process_count=jax.process_count())
 
-    def evaluate(self) -> dict:
+    def describe(self) -> str:
+        return (f"Δ-encoder: {self.encoder_parameters / 1e6:.2f}M parameters (+ {self.heads_parameters / 1e6:.2f}M in the "
+                f"pretraining heads); mesh {dict(self.mesh.shape)}; {len(self.source)} training pairs from {self.data_dir}")
+
+    def step(self, params, opt_state, local: dict):
+        batch = training.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, self.mesh)
+        return self.train_step(params, opt_state, self.rest, self.siglip_state, batch)
+
+    def data_order(self, local: dict) -> list:
+        return np.stack([local["video"], local["step"]], 1).tolist()  # (record index, step) pairs
+
+    def format_metrics(self, values: dict) -> str:
+        return f"loss {values['loss']:.5f} (copy-previous {values['copy_loss']:.5f})"
+
+    def evaluate(self, params=None) -> dict:
+        params = self.params if params is None else params
         videos = records.open(self.data_dir)
         result = retrieval.next_frame_retrieval(
             videos, lambda rgb: self.siglip_tokens(self.siglip_state, rgb),
-            lambda prev, mv, residual: self.predict(self.params, self.rest, prev, mv, residual),
+            lambda prev, mv, residual: self.predict(params, self.rest, prev, mv, residual),
             self.config.eval_max_videos)
         log(retrieval.format_result(result))
         return result
+
+    def finish(self, params, step: int) -> dict:
+        return {"retrieval": self.evaluate(params)}
 
 
 CONFIG_FILE = "config.json"
@@ -174,6 +191,7 @@ CONFIG_FILE = "config.json"
 def save_config(config, workdir: str) -> None:
     """<workdir>/config.json: what `load_delta_encoder` needs to rebuild the model later."""
     if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, CONFIG_FILE)
         with open(path + ".tmp", "w") as f:
             f.write(config.to_json(indent=1))
@@ -181,81 +199,16 @@ def save_config(config, workdir: str) -> None:
 
 
 def train(config, workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
     stage = Stage(config, workdir)
     save_config(config, workdir)
-    log(f"Δ-encoder: {stage.encoder_parameters / 1e6:.2f}M parameters (+ {stage.heads_parameters / 1e6:.2f}M in the "
-        f"pretraining heads); mesh {dict(stage.mesh.shape)}; {len(stage.source)} training pairs from {stage.data_dir}")
-    opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
-    iterator = iter(stage.loader)
-    ckpt = training.Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
-    step = 0
-    if (latest := ckpt.latest_step()) is not None:
-        stage.params, opt_state = ckpt.restore(latest, stage.params, opt_state, iterator)
-        step = latest
-        log(f"resumed from step {latest} ({ckpt.directory})")
-    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0)
-    order_log = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.get("record_data_order") else None
-    stop = training.StopRequest()
-    meter = training.Throughput(step, config.total_steps, config.batch_size)
-    history, window = [], []
-    try:
-        while step < config.total_steps:
-            local = next(iterator)
-            if order_log:
-                order_log.write(json.dumps({"step": step, "pairs": np.stack([local["video"], local["step"]], 1).tolist()}) + "\n")
-                order_log.flush()
-            batch = training.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
-            stage.params, opt_state, step_metrics = stage.train_step(stage.params, opt_state, stage.rest, stage.siglip_state, batch)
-            window.append(step_metrics)  # device arrays: no host sync until the log line
-            step += 1
-            if step % config.log_every_steps == 0 or step == config.total_steps:
-                values = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}  # window means
-                window = []
-                values["learning_rate"] = float(stage.schedule(step))
-                values.update(meter.update(step))
-                history.append((step, values["loss"]))
-                writer.write(step, {f"train/{k}": v for k, v in values.items()})
-                log(f"step {step}/{config.total_steps}  loss {values['loss']:.5f} (copy-previous {values['copy_loss']:.5f})  lr {values['learning_rate']:.2e}  "
-                    f"grad_norm {values['grad_norm']:.3f}  {values['steps_per_second']:.2f} steps/s  "
-                    f"{values['examples_per_second']:.1f} examples/s  ETA {training.format_eta(values['eta_seconds'])}")
-            ckpt.save(step, stage.params, opt_state, iterator)
-            if step % config.eval_every_steps == 0 and step < config.total_steps:
-                writer.write(step, {f"eval/{k}": v for k, v in stage.evaluate().items()})
-            if stop.requested:
-                log(f"SIGTERM: saving step {step} and stopping")
-                ckpt.save(step, stage.params, opt_state, iterator, force=True)
-                break
-        else:
-            ckpt.save(step, stage.params, opt_state, iterator, force=True)
-        ckpt.close()
-    finally:
-        stop.restore()
-        if order_log:
-            order_log.close()
-    result = {"step": step, "loss_history": history, "params": stage.params}
-    if step >= config.total_steps:
-        result["retrieval"] = stage.evaluate()
-        writer.write(step, {f"eval/{k}": v for k, v in result["retrieval"].items()})
-        if history:
-            log(f"loss {history[0][1]:.5f} at step {history[0][0]} -> {history[-1][1]:.5f} at step {history[-1][0]}")
-    writer.close()
-    return result
+    return loop.train(stage)
 
 
 def evaluate_only(config, workdir: str) -> dict:
-    """Retrieval with the latest checkpoint of `workdir` (or fresh weights if there is none)."""
+    """Retrieval with the latest checkpoint of `workdir` (refused when there is none)."""
     stage = Stage(config, workdir)
-    ckpt = training.Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
-    if (latest := ckpt.latest_step()) is None:
-        log(f"no checkpoint in {ckpt.directory}: evaluating freshly initialised weights")
-    else:
-        opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
-        stage.params, _ = ckpt.restore(latest, stage.params, opt_state, iter(stage.loader))
-        log(f"evaluating step {latest}")
-    result = stage.evaluate()
-    ckpt.close()
-    return result
+    loop.restore_latest(stage)
+    return stage.evaluate()
 
 
 def load_delta_encoder(path: str) -> tuple[DeltaEncoder, dict]:

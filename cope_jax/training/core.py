@@ -20,10 +20,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cope_jax import sharding
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
+from cope_jax.errors import ConfigError
 
 
 def check_positive(config, *fields: str) -> None:
@@ -133,6 +130,15 @@ class Checkpoints:
 
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def wait_for_process_0(what: str) -> None:
+    """Multi-process runs: the others wait here until process 0 has written `what` (demo data,
+    shared files); only process 0 ever writes them."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"cope_jax: {what}")
 
 
 class StopRequest:

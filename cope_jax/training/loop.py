@@ -1,0 +1,132 @@
+"""The one training loop both stages run (DESIGN.md §5).
+
+A stage (`pretrain.Stage`, `finetune.Stage`) is built from a config and supplies only what is its
+own: the trainable parameters, the optimizer, the grain loader, a jitted step, an evaluation and
+what to do when the run ends. The loop owns resuming, checkpoints (parameters, optimizer state
+and the grain iterator position), SIGTERM, logged window means, TensorBoard and throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from cope_jax.errors import ConfigError
+from cope_jax.training import core, metrics
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+class Stage(Protocol):
+    config: Any
+    workdir: str
+    mesh: jax.sharding.Mesh
+    params: Any  # the trainable parameters: what the optimizer updates and checkpoints hold
+    tx: Any
+    schedule: Any
+    loader: Any  # grain DataLoader; its iterator state is checkpointed
+
+    def describe(self) -> str: ...  # the run's opening log line
+
+    def step(self, params, opt_state, local_batch: dict) -> tuple[Any, Any, dict]: ...
+
+    def format_metrics(self, values: dict) -> str: ...  # the stage's part of a log line
+
+    def evaluate(self, params) -> dict: ...  # scalars under eval/
+
+    def data_order(self, local_batch: dict) -> list: ...  # what config.record_data_order logs per step
+
+    def finish(self, params, step: int) -> dict: ...  # after the last step: final evaluation, export
+
+
+def open_checkpoints(config, workdir: str) -> core.Checkpoints:
+    return core.Checkpoints(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
+
+
+def train(stage: Stage) -> dict:
+    """Runs (or resumes) `stage` to config.total_steps -> {"step", "loss_history", "params", ...}."""
+    config, workdir = stage.config, stage.workdir
+    log(stage.describe())
+    opt_state = core.init_optimizer_state(stage.tx, stage.params, stage.mesh)
+    iterator = iter(stage.loader)
+    ckpt = open_checkpoints(config, workdir)
+    step = 0
+    if (latest := ckpt.latest_step()) is not None:
+        stage.params, opt_state = ckpt.restore(latest, stage.params, opt_state, iterator)
+        step = latest
+        log(f"resumed from step {latest} ({ckpt.directory})")
+    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0)
+    order_log = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.get("record_data_order") else None
+    stop = core.StopRequest()
+    meter, history, window = None, [], []
+    try:
+        while step < config.total_steps:
+            local = next(iterator)
+            if order_log:
+                order_log.write(json.dumps({"step": step, "examples": stage.data_order(local)}) + "\n")
+                order_log.flush()
+            stage.params, opt_state, step_metrics = stage.step(stage.params, opt_state, local)
+            window.append(step_metrics)  # device arrays: no host sync until the log line
+            step += 1
+            if meter is None:  # throughput and ETA start after the first step, which compiles
+                jax.block_until_ready(step_metrics)
+                meter = core.Throughput(step, config.total_steps, config.batch_size)
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                history.append((step, _log_window(stage, writer, step, window, meter)))
+                window = []
+            ckpt.save(step, stage.params, opt_state, iterator)
+            if step % config.eval_every_steps == 0 and step < config.total_steps:
+                writer.write(step, {f"eval/{k}": v for k, v in stage.evaluate(stage.params).items()})
+            if stop.requested:
+                log(f"SIGTERM: saving step {step} and stopping")
+                ckpt.save(step, stage.params, opt_state, iterator, force=True)
+                break
+        else:
+            ckpt.save(step, stage.params, opt_state, iterator, force=True)
+        ckpt.close()
+    finally:
+        stop.restore()
+        if order_log:
+            order_log.close()
+    result = {"step": step, "loss_history": history, "params": stage.params}
+    if step >= config.total_steps:
+        final = stage.finish(stage.params, step)
+        writer.write(step, {f"eval/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
+        result.update(final)
+        if history:
+            log(f"loss {history[0][1]:.5f} at step {history[0][0]} -> {history[-1][1]:.5f} at step {history[-1][0]}")
+    writer.close()
+    return result
+
+
+def _log_window(stage: Stage, writer: metrics.MetricWriter, step: int, window: list[dict], meter) -> float:
+    """Window means of the step metrics -> TensorBoard and one console line; returns the loss."""
+    values = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+    values["learning_rate"] = float(stage.schedule(step))
+    values.update(meter.update(step))
+    writer.write(step, {f"train/{k}": v for k, v in values.items()})
+    log(f"step {step}/{stage.config.total_steps}  {stage.format_metrics(values)}  lr {values['learning_rate']:.2e}  "
+        f"grad_norm {values['grad_norm']:.3f}  {values['steps_per_second']:.2f} steps/s  "
+        f"{values['examples_per_second']:.1f} examples/s  ETA {core.format_eta(values['eta_seconds'])}")
+    return values["loss"]
+
+
+def restore_latest(stage: Stage) -> int:
+    """The latest committed parameters of the workdir into `stage.params` (for --mode=eval);
+    refuses when there is none rather than evaluating freshly initialised weights."""
+    ckpt = open_checkpoints(stage.config, stage.workdir)
+    latest = ckpt.latest_step()
+    if latest is None:
+        ckpt.close()
+        raise ConfigError(f"{ckpt.directory}: no checkpoint to evaluate (train first, or point --workdir at a trained run)")
+    stage.params = ckpt.restore_params(latest, stage.params)
+    ckpt.close()
+    log(f"evaluating step {latest} ({ckpt.directory})")
+    return latest

@@ -20,6 +20,7 @@ import av.logging
 from av.video.reformatter import VideoReformatter
 import numpy as np
 
+from cope_jax.errors import UserError
 from data_pipeline import primitives
 
 I_FRAME = av.video.frame.PictureType.I
@@ -27,7 +28,7 @@ P_FRAME = av.video.frame.PictureType.P
 MACROBLOCK = 16
 
 
-class VideoError(Exception):
+class VideoError(UserError):
     """An input that cannot give a correct record; the message is the reason written to errors.jsonl."""
 
 

@@ -37,6 +37,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from cope_jax.errors import UserError
 from data_pipeline import codec, records
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
@@ -44,7 +45,7 @@ VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".m
 FORMAT = "cope-jax primitives v1"
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Bad command-line input (no videos found, unreadable list, settings clash with the output)."""
 
 

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import av
 import numpy as np
 
+from cope_jax.errors import UserError
 from data_pipeline import primitives
 
 MAGIC = b"COPEREC1"
@@ -33,7 +34,7 @@ SUBPEL = primitives.SUBPEL
 SHARD_PATTERN = re.compile(r"^primitives-(\d{5})-of-(\d{5})\.array_record$")
 
 
-class RecordError(Exception):
+class RecordError(UserError):
     """A record or output directory is corrupt or not what this version writes."""
 
 

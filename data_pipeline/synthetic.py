@@ -35,14 +35,18 @@ def _bounce(position: int, limit: int) -> int:
     return position if position <= limit else period - position
 
 
-def moving_square(num_frames: int, size: int, side: int, dx: int, dy: int, start=(8, 8)) -> list[np.ndarray]:
-    """A textured square moving by (dx, dy) px per frame over a still background, bouncing at edges."""
-    background = texture(size, size, seed=1)
-    square = texture(side, side, seed=2) // 2 + 128
+def moving_square(num_frames: int, size: int, side: int, dx: float, dy: float, start=(8, 8),
+                  seed: int = 1) -> list[np.ndarray]:
+    """A textured square moving by (dx, dy) px per frame over a still background, bouncing at edges.
+
+    Positions are rounded per frame (round(start + v * i)), so speeds below 1 px/frame work. The background
+    texture comes from `seed`, the square's from `seed + 1` (brightened, so it stands out)."""
+    background = texture(size, size, seed=seed)
+    square = texture(side, side, seed=seed + 1) // 2 + 128
     frames = []
     for i in range(num_frames):
         frame = background.copy()
-        y, x = _bounce(start[0] + dy * i, size - side), _bounce(start[1] + dx * i, size - side)
+        y, x = _bounce(round(start[0] + dy * i), size - side), _bounce(round(start[1] + dx * i), size - side)
         frame[y:y + side, x:x + side] = square
         frames.append(frame)
     return frames
@@ -50,12 +54,19 @@ def moving_square(num_frames: int, size: int, side: int, dx: int, dy: int, start
 
 def write(path: str, frames: list[np.ndarray], codec: str = "libx264", fps: int = 30, options: dict | None = None,
           times: list[float] | None = None) -> str:
-    """Encodes RGB frames; `times` (seconds) gives variable frame rate (needs a container keeping pts)."""
+    """Encodes RGB frames; `times` (seconds) gives variable frame rate (needs a container keeping pts).
+
+    The same frames give the same bytes (measured with PyAV 18.1, x264 core 165): x264's macroblock tree changes the
+    B-frames from run to run on AVX-512 CPUs (not with `asm=AVX2`), so it is off unless `options` sets `x264-params`;
+    one encoder thread, because x264's automatic count follows the machine's cores and changes the bitstream."""
     height, width = frames[0].shape[:2]
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        if codec == "libx264":
+            options = {"x264-params": "mbtree=0", **(options or {})}
         if times is not None:
             stream.time_base = Fraction(1, 1000)
             stream.codec_context.time_base = Fraction(1, 1000)
@@ -87,3 +98,53 @@ def demo_clips(directory: str, count: int = 8, size: int = 64, seconds: float = 
             frames = pan(frames_per_clip, size, size, dx, dy, seed=index)
         paths.append(write(os.path.join(directory, f"demo_{index:03d}.mp4"), frames, fps=fps))
     return paths
+
+
+_ANSWER_FORMAT = "Answer with the option's letter from the given choices directly."
+# (question, {option: (x, y) direction}) in image axes: x grows rightwards, y downwards; options in the order A-D.
+_CAMERA = ("Which way does the camera move?", {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)})
+_CORNER = ("Towards which corner does the square move?",
+           {"top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1), "bottom right": (1, 1)})
+
+
+def _question(prompt: str, options) -> str:
+    return "\n".join([prompt, *(f"{'ABCD'[i]}. {option}" for i, option in enumerate(options)), _ANSWER_FORMAT])
+
+
+def motion_questions(directory: str, count: int, size: int = 64, seconds: float = 4.0, fps: int = 30,
+                     seed: int = 0) -> list[dict]:
+    """Writes `count` clips (`pan_000.mp4`, `corner_001.mp4`, ...) whose answer needs motion; returns their
+    LLaVA-Video-178K annotation rows (§8) with `answer` and `task` added: the stage-2 demo data.
+
+    Camera pans and squares heading for a corner alternate; each kind's answers are balanced over A-D. Every clip has
+    its own random texture and the square starts at the frame centre, so frame 0 (the keyframe at 1 per GOP) says
+    nothing about the answer: a model must read the P steps to beat chance."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    answers = np.empty(count, dtype=int)
+    for kind in (0, 1):
+        answers[kind::2] = rng.permutation(np.arange(len(answers[kind::2])) % 4)
+    texture_seeds, speeds = rng.integers(0, 2**31, count), rng.integers(1, 3, count)
+    num_frames, side = int(seconds * fps), size // 4
+    centre = (size - side) / 2
+    rows = []
+    for index in range(count):
+        kind, texture_seed = index % 2, int(texture_seeds[index])
+        prompt, options = (_CAMERA, _CORNER)[kind]
+        x, y = list(options.values())[answers[index]]
+        if kind == 0:
+            # pan(dx, dy) moves the content by (dx, dy) px per frame: a camera moving right shows it moving left.
+            speed = int(speeds[index])
+            frames = pan(num_frames, size, size, -x * speed, -y * speed, seed=texture_seed)
+        else:
+            # From the centre, nearly at the corner by the last frame: never bounces; below 1 px/frame at 64 px.
+            speed = centre / num_frames
+            frames = moving_square(num_frames, size, side, x * speed, y * speed, start=(centre, centre),
+                                   seed=texture_seed)
+        clip, letter = f"{('pan', 'corner')[kind]}_{index:03d}", "ABCD"[answers[index]]
+        write(os.path.join(directory, clip + ".mp4"), frames, fps=fps)
+        rows.append({"id": clip, "video": clip + ".mp4", "data_source": "demo_motion", "answer": letter,
+                     "task": ("camera", "corner")[kind],
+                     "conversations": [{"from": "human", "value": "<image>\n" + _question(prompt, options)},
+                                       {"from": "gpt", "value": letter}]})
+    return rows

@@ -65,13 +65,16 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def load(directory: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> nnx.Module:
-    """Rebuilds the saved module; with `mesh`, each weight lands on its shard."""
+def load(directory: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtype=None, param_dtype=None) -> nnx.Module:
+    """Rebuilds the saved module; with `mesh`, each weight lands on its shard. `dtype` (compute)
+    and `param_dtype` default to the saved dtype; given, weights are cast while restoring (e.g. a
+    bfloat16 checkpoint into float32 master weights for training)."""
     directory = os.path.abspath(directory)
     meta = read_meta(directory)
     module_class, _ = KINDS[meta["kind"]]
     config = config_from_dict(meta["kind"], meta["config"])
-    abstract = nnx.eval_shape(lambda: module_class(config, dtype=meta["dtype"], param_dtype=meta["dtype"], rngs=nnx.Rngs(0)))
+    dtype, param_dtype = dtype or meta["dtype"], param_dtype or meta["dtype"]
+    abstract = nnx.eval_shape(lambda: module_class(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

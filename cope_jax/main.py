@@ -25,9 +25,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.ini
 
 def run(config, workdir: str, mode: str = "train") -> dict:
     from cope_jax.errors import ConfigError
-    from cope_jax.training import pretrain
+    from cope_jax.training import finetune, pretrain
 
-    stages = {"pretrain": (pretrain.train, pretrain.evaluate_only)}
+    stages = {"pretrain": (pretrain.train, pretrain.evaluate_only), "finetune": (finetune.train, finetune.evaluate_only)}
     if config.stage not in stages:
         raise ConfigError(f"config.stage {config.stage!r} is not one of {sorted(stages)}")
     train, evaluate = stages[config.stage]

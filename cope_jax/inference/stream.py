@@ -143,7 +143,14 @@ def plan_video(video: Video, settings: VideoSettings) -> VideoPlan:
         steps, keyframe = plan.steps, plan.is_keyframe
         if settings.delta_mode == "keyframes_only":
             steps, keyframe = steps[keyframe], keyframe[keyframe]
-    return VideoPlan(steps.astype(np.int32), keyframe, video.timestamps[steps], video.duration)
+    return VideoPlan(steps.astype(np.int32), keyframe, step_times(video, steps), video.duration)
+
+
+def step_times(video: Video, steps: np.ndarray) -> np.ndarray:
+    """Seconds from the video's start of each step, as LLaVA-Video's time instruction states them
+    (frame index / fps): a step is every `fusion`-th frame of the video resampled to `fps`. Known
+    from the step index alone, so training can count prompt tokens before reading any record."""
+    return (np.asarray(steps, np.float64) * video.fusion / video.fps).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,7 +82,7 @@ def train(stage: Stage) -> dict:
                 history.append((step, _log_window(stage, writer, step, window, meter)))
                 window = []
             ckpt.save(step, stage.params, opt_state, iterator)
-            if step % config.eval_every_steps == 0 and step < config.total_steps:
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
                 writer.write(step, {f"eval/{k}": v for k, v in stage.evaluate(stage.params).items()})
             if stop.requested:
                 log(f"SIGTERM: saving step {step} and stopping")

@@ -35,15 +35,17 @@ def delta_config(config) -> DeltaEncoderConfig:
         raise ConfigError(f"config.model: {e}") from None
 
 
-def build_siglip(config, dtype) -> SiglipVisionModel:
-    """The frozen tower: from a converted checkpoint, or a small random one (tiny runs only)."""
+def build_siglip(config, dtype, quiet: bool = False) -> SiglipVisionModel:
+    """The frozen tower: from a converted checkpoint, or a small random one (tiny runs only; the
+    same config and seed rebuild the same tower, which is how stage 2 finds it again)."""
     if not config.siglip_checkpoint:
         try:
             siglip_config = SiglipVisionConfig(**dict(config.siglip))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.siglip: {e}") from None
-        log("NOTE: config.siglip_checkpoint is empty: using a small RANDOM SigLIP tower as the target. "
-            "Fine for the tiny demo; real pretraining needs a converted SigLIP / LLaVA-Video checkpoint.")
+        if not quiet:
+            log("NOTE: config.siglip_checkpoint is empty: using a small RANDOM SigLIP tower as the target. "
+                "Fine for the tiny demo; real pretraining needs a converted SigLIP / LLaVA-Video checkpoint.")
         return SiglipVisionModel(siglip_config, dtype=dtype, rngs=nnx.Rngs(config.seed + 1))
     if not os.path.isdir(config.siglip_checkpoint):
         raise ConfigError(f"config.siglip_checkpoint {config.siglip_checkpoint}: no such directory")
@@ -211,6 +213,19 @@ def evaluate_only(config, workdir: str) -> dict:
     return stage.evaluate()
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a stage-1 workdir was trained with (<workdir>/config.json)."""
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.path.exists(config_path):
+        raise ConfigError(f"{workdir}: not a stage-1 workdir ({CONFIG_FILE} and checkpoints/ expected) "
+                          "nor a cope_jax checkpoint")
+    try:
+        with open(config_path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+
+
 def load_delta_encoder(path: str) -> tuple[DeltaEncoder, dict]:
     """The trained Δ-encoder of a stage-1 workdir (its latest committed step), or of a cope_jax
     checkpoint holding one (kind `delta_encoder` or `cope`) -> (module, {"source", "step"}).
@@ -225,15 +240,7 @@ def load_delta_encoder(path: str) -> tuple[DeltaEncoder, dict]:
         if not isinstance(encoder, DeltaEncoder):
             raise ConfigError(f"{path}: holds a {type(module).__name__}, not a Δ-encoder or a CoPE model")
         return encoder, {"source": path, "step": checkpoints.read_meta(path).get("step")}
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isdir(os.path.join(path, "checkpoints")) or not os.path.exists(config_path):
-        raise ConfigError(f"{path}: not a stage-1 workdir ({CONFIG_FILE} and checkpoints/ expected) "
-                          "nor a cope_jax checkpoint")
-    try:
-        with open(config_path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-    except ValueError as e:
-        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_config(path)
     ckpt = training.Checkpoints(path, config.keep_checkpoints, config.checkpoint_every_steps)
     step = ckpt.latest_step()
     if step is None:

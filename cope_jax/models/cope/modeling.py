@@ -192,6 +192,23 @@ class CoPEVideoLM(nnx.Module):
         return assemble_stream(self.keyframe_token_table(keyframes), self.p_step_token_table(mv, residual, zero_delta),
                                token_source)
 
+    def encode_videos(self, keyframes: jax.Array, mv: jax.Array, residual: jax.Array, token_source: jax.Array,
+                      zero_delta: bool = False) -> jax.Array:
+        """Per-video layout of `encode_video` (what training batches and shards along B).
+
+        keyframes [B,Ks,H,W,3], mv [B,Ps,H,W,2], residual [B,Ps,H,W,3] (each video's padded slots),
+        token_source int32 [B,L] indexing that video's own table: its Ks * tokens_per_keyframe
+        keyframe tokens, then its Ps * tokens_per_p_step P-step tokens, then one zero row
+        (`inference.stream.video_batch` of that video alone) -> [B,L,D_llm]. Every frame of the
+        batch still goes through SigLIP, and every P step through the Δ-encoder, in one call."""
+        b, d = keyframes.shape[0], self.config.text.hidden_size
+        key_table = self.keyframe_token_table(keyframes.reshape(-1, *keyframes.shape[2:])).reshape(b, -1, d)
+        p_table = self.p_step_token_table(mv.reshape(-1, *mv.shape[2:]), residual.reshape(-1, *residual.shape[2:]),
+                                          zero_delta).reshape(b, -1, d)
+        dtype = jnp.result_type(key_table.dtype, p_table.dtype)
+        table = jnp.concatenate([key_table.astype(dtype), p_table.astype(dtype), jnp.zeros((b, 1, d), dtype)], axis=1)
+        return jnp.take_along_axis(table, token_source[..., None], axis=1)
+
     def keyframe_token_table(self, keyframes: jax.Array) -> jax.Array:
         """[K,H,W,3] -> [K * tokens_per_keyframe, D_llm] (empty when K = 0)."""
         d = self.config.text.hidden_size

@@ -40,7 +40,7 @@ def _common() -> ml_collections.ConfigDict:
     # Δ-encoder (and its tower, when that is random): the built-in pipeline of `make run`.
     c.run_pretrain = False
     c.pretrain = pretrain_configs.get_config("tiny")
-    # What the LLM reads (DESIGN.md §7 switches; App. C trains with 4 keyframes + 4 P steps per GOP).
+    # What the LLM reads (docs/architecture.md §7 switches; App. C trains with 4 keyframes + 4 P steps per GOP).
     c.keyframes_per_gop = 4
     c.max_gops = 64
     c.time_instruction = True
@@ -59,6 +59,8 @@ def _common() -> ml_collections.ConfigDict:
     c.record_data_order = False
     # Optimisation (LLaVA-Video: AdamW, warmup ratio 0.03, cosine, no weight decay).
     c.learning_rate = 1e-5  # every trainable parameter no `learning_rates` entry matches
+    # The paper calls the tower frozen (§3.2, Fig. 2) yet fine-tunes "the full VideoLM" (§4.1): we
+    # follow LLaVA-Video, the tower trained at 2e-6; frozen=["^vision_tower/"] freezes it instead.
     c.learning_rates = [("^vision_tower/", 2e-6)]  # (regex over "a/b/c" parameter paths, rate); first match wins
     c.trainable = [".*"]  # regexes (re.search) of the parameters that train ...
     c.frozen = []  # ... minus these; frozen parameters carry no optimizer state

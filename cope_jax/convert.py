@@ -170,7 +170,7 @@ def copy_tokenizer_files(source: str, destination: str) -> list[str]:
 
 
 def cope_checkpoint_info(model: CoPEVideoLM, delta_info: dict | None, video_settings: VideoSettings) -> dict:
-    """What model.json records for a CoPE checkpoint beyond the model config (DESIGN.md §7); frames
+    """What model.json records for a CoPE checkpoint beyond the model config (docs/architecture.md §7); frames
     are preprocessed at the tower's image size."""
     preprocessing = dataclasses.replace(video_settings.preprocessing, size=model.config.vision.image_size)
     settings = dataclasses.replace(video_settings, preprocessing=preprocessing)

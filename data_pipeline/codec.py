@@ -6,7 +6,7 @@
    no B-frames, no scene-cut I-frames) and decode again with `flags2=+export_mvs`. Frame types are
    checked: an encoder that ignores a setting fails loudly instead of shifting every GOP.
 3. `steps`: every `fusion` frames, the decoded RGB and the motion fused over the window
-   (DESIGN.md §3). The residual is not stored: `records` derives it exactly from these two.
+   (docs/architecture.md §3). The residual is not stored: `records` derives it exactly from these two.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def _encoder(settings: Settings) -> av.CodecContext:
     # which the flag alone would read (and find 0, silently meaning qmin).
     encoder.qscale = True
     encoder.qmin = encoder.qmax = settings.qscale
-    # sc_threshold alone does not stop mpeg4's scene-cut I-frames (DESIGN.md §3); forced picture
+    # sc_threshold alone does not stop mpeg4's scene-cut I-frames (docs/architecture.md §3); forced picture
     # types below do, and the decoded types are checked anyway.
     # One thread and bit-exact DSP: the same input gives the same bytes on any worker or CPU.
     encoder.options = {"sc_threshold": "1000000000", "threads": "1", "flags": "+bitexact"}
@@ -245,7 +245,7 @@ def _motion_vectors(frame: av.VideoFrame):
 
 
 def steps(frames: Iterator[tuple[float, av.VideoFrame]], settings: Settings) -> Iterator[Step]:
-    """Canonical decoded frames -> one Step every `fusion` frames (DESIGN.md §3)."""
+    """Canonical decoded frames -> one Step every `fusion` frames (docs/architecture.md §3)."""
     size, block = settings.size, settings.mv_block
     fields: list[np.ndarray] = []
     no_motion = np.zeros((size // block, size // block, 2), np.float32)

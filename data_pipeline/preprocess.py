@@ -1,4 +1,4 @@
-"""Videos -> sharded ArrayRecord files of codec primitives (DESIGN.md §3). Beam-free.
+"""Videos -> sharded ArrayRecord files of codec primitives (docs/architecture.md §3). Beam-free.
 
     python -m data_pipeline.preprocess --videos clips/ --output primitives/ --workers 2
 
@@ -169,7 +169,7 @@ def _check_file(path: str) -> None:
 def encode_video(path: str, settings: codec.Settings, video_id: str | None = None) -> tuple[bytes, dict]:
     """One video file -> (its record bytes exactly as the job writes them, its per-video counts:
     video_id, source, steps, frames, seconds, bytes). Writes nothing; `records.decode(bytes)` is the
-    DESIGN.md §3 dict. video_id defaults to the file name without extension.
+    docs/architecture.md §3 dict. video_id defaults to the file name without extension.
 
     Raises codec.VideoError, whose message is the one-line reason, for any input that cannot give
     a correct record (missing, empty, not a video, truncated, corrupt ...); anything else is a bug."""

@@ -1,5 +1,5 @@
 """Codec primitives from FFmpeg's exported motion vectors: per-frame motion fields, their fusion
-over a step, `warp` and the residual. Conventions are DESIGN.md §3's:
+over a step, `warp` and the residual. Conventions are docs/architecture.md §3's:
 
 - `mv[y, x] = (dx, dy)`: position in the later frame minus the position of the same content in the
   earlier one. FFmpeg exports `src = dst + motion / motion_scale` with `dst` the block centre, so
@@ -103,7 +103,7 @@ def upsample(mv_blocks: np.ndarray, block: int) -> np.ndarray:
 
 
 def warp(prev: np.ndarray, mv: np.ndarray) -> np.ndarray:
-    """Motion-compensated prediction of the later frame: `prev[nearest(p - mv[p])]` (DESIGN.md §3).
+    """Motion-compensated prediction of the later frame: `prev[nearest(p - mv[p])]` (docs/architecture.md §3).
 
     prev: [H, W, C]; mv: float [H, W, 2] as (dx, dy). Returns an array like `prev`.
     """

@@ -1,4 +1,4 @@
-"""One video = one ArrayRecord record; `open(output_dir)` reads them back as DESIGN.md §3 dicts.
+"""One video = one ArrayRecord record; `open(output_dir)` reads them back as docs/architecture.md §3 dicts.
 
 Record bytes: `MAGIC`, a little-endian u32 header length, a JSON header, then the payload:
 
@@ -9,7 +9,7 @@ Record bytes: `MAGIC`, a little-endian u32 header length, a JSON header, then th
 
 `residual` is not stored: it is derived on read as `rgb[t] - warp(rgb[t-1], mv[t])` from the
 stored frames, so `warp(rgb[t-1], mv[t]) + residual[t] == rgb[t]` holds exactly for every record
-(DESIGN.md §3's convention) and costs no bytes. A CRC32 of the payload is checked on every read.
+(docs/architecture.md §3's convention) and costs no bytes. A CRC32 of the payload is checked on every read.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def _blob(payload: memoryview, span) -> bytes:
 
 
 def decode(data: bytes, steps: Sequence[int] | None = None) -> dict:
-    """Record bytes -> the DESIGN.md §3 dict; with `steps`, only those steps (in that order)."""
+    """Record bytes -> the docs/architecture.md §3 dict; with `steps`, only those steps (in that order)."""
     header, payload = read_header(data)
     count = len(header["timestamps"])
     wanted = list(range(count)) if steps is None else [int(t) for t in steps]
@@ -255,7 +255,7 @@ class Records:
         return f"Records({self.output_dir!r}, {len(self.paths)} shards)"
 
 
-def open(output_dir: str) -> Records:  # noqa: A001 - the name DESIGN.md fixes
+def open(output_dir: str) -> Records:  # noqa: A001 - the name docs/architecture.md fixes
     return Records(output_dir)
 
 

@@ -1,9 +1,9 @@
 """Which steps of a record a training sample uses, and what they cost in LLM tokens.
 
-DESIGN.md §3 "Samples for training": within each GOP, `keyframes_per_gop` steps at even spacing
+docs/architecture.md §3 "Samples for training": within each GOP, `keyframes_per_gop` steps at even spacing
 (always including the GOP's I step) are keyframes (RGB through SigLIP); the other steps are P steps
 (8 Δ-tokens). Videos with more than `max_gops` GOPs keep `max_gops` of them, spread uniformly.
-DESIGN.md §4: a keyframe costs 14 x 15 = 210 tokens, a P step 2 x (4 + 1) = 10.
+docs/architecture.md §4: a keyframe costs 14 x 15 = 210 tokens, a P step 2 x (4 + 1) = 10.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ torch.set_num_threads(2)
 
 
 def assert_close(actual, expected, *, rtol_to_scale: float, what: str = "") -> None:
-    """|actual - expected| <= rtol_to_scale * max|expected| everywhere (DESIGN.md §6 'relative to the scale')."""
+    """|actual - expected| <= rtol_to_scale * max|expected| everywhere (docs/architecture.md §6 'relative to the scale')."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = max(np.abs(expected).max(), 1e-12)

@@ -1,4 +1,4 @@
-"""Codec primitives against known motion, FFmpeg's own decode and the DESIGN.md §3 conventions."""
+"""Codec primitives against known motion, FFmpeg's own decode and the docs/architecture.md §3 conventions."""
 
 import importlib.util
 import os

@@ -1,4 +1,4 @@
-"""The CoPE token stream (DESIGN.md §7): keyframes and P steps in time order, the switches, token
+"""The CoPE token stream (docs/architecture.md §7): keyframes and P steps in time order, the switches, token
 counts against the sampler and the paper's Tab. H.5, batching, and the prompt template."""
 
 import dataclasses

@@ -7,7 +7,7 @@
     print("".join(chat.ask("What happens in the video?")), chat.last)
 
 - `prompt`: LLaVA-Video's `qwen_1_5` template and time instruction (shared with stage-2 loss masks);
-- `stream`: the DESIGN.md §7 switches (`VideoSettings`), step plans and static-shape video batches;
+- `stream`: the docs/architecture.md §7 switches (`VideoSettings`), step plans and static-shape video batches;
 - `session`: `VideoChat`, multi-turn generation over one KV cache with streaming and timings.
 """
 

@@ -1,6 +1,6 @@
 """A video -> the steps the LLM reads -> the arrays `CoPEVideoLM.encode_video` takes (host side).
 
-DESIGN.md §7: the steps come from `data_pipeline.sampler` (keyframes_per_gop keyframes per GOP, the
+docs/architecture.md §7: the steps come from `data_pipeline.sampler` (keyframes_per_gop keyframes per GOP, the
 rest P steps, at most max_gops GOPs), or for the dense LLaVA-Video baseline `dense_frames` steps
 spread uniformly, all keyframes. `video_batch` lays several videos out with static shapes: all
 keyframes in one array, all P steps in another, and per video a row of source indices into the
@@ -28,7 +28,7 @@ class VideoInputError(UserError, ValueError):
 class VideoSettings:
     """Everything that changes what the LLM reads from a video; saved with every CoPE checkpoint."""
 
-    # Preprocessing (DESIGN.md §3; paper §4.1: MPEG-4, 30 fps, GOP 240, fusion 30 = 1 step/s).
+    # Preprocessing (docs/architecture.md §3; paper §4.1: MPEG-4, 30 fps, GOP 240, fusion 30 = 1 step/s).
     preprocessing: codec.Settings = dataclasses.field(default_factory=codec.Settings)
     # Keyframes per GOP, the rest P steps (paper §4.1, Tab. 1). 4 is what CoPE-VideoLM is
     # fine-tuned with (App. C: "4 keyframes + 4 P-frames per GOP"); 1 is the fastest (Fig. 4a).
@@ -129,7 +129,7 @@ class VideoPlan(sampler.StepPlan):
 
 
 def plan_video(video: Video, settings: VideoSettings) -> VideoPlan:
-    """Which steps the LLM reads, and as what (DESIGN.md §7 switches)."""
+    """Which steps the LLM reads, and as what (docs/architecture.md §7 switches)."""
     if settings.dense_frames:
         # LLaVA-Video: np.linspace(0, total - 1, N) over the video; here over its 1/fusion-rate steps.
         steps = np.unique(np.linspace(0, len(video.timestamps) - 1, settings.dense_frames).astype(np.int32))

@@ -1,4 +1,4 @@
-"""What both training stages share, and the stages themselves (DESIGN.md §1, §5, §8).
+"""What both training stages share, and the stages themselves (docs/architecture.md §1, §5, §8).
 
 - `core`: mesh, optimizer, orbax checkpoints with the grain iterator state, SIGTERM, throughput;
 - `loop`: the one training loop; a stage supplies its model, data, loss and evaluators;

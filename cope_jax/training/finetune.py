@@ -1,5 +1,5 @@
 """Stage 2: end-to-end instruction tuning of CoPE-VideoLM (paper §3.3 "Integration into VideoLMs",
-App. C; DESIGN.md §8).
+App. C; docs/architecture.md §8).
 
 The whole VideoLM reads the interleaved keyframe + Δ-token stream of each video and learns by
 next-token loss on the assistant's tokens only. This module supplies the stage to the shared loop
@@ -463,7 +463,7 @@ def _agreed_max(lengths: np.ndarray) -> int:
 
 def export(model: CoPEVideoLM, tokenizer, settings: VideoSettings, delta_info: dict | None, workdir: str,
            step: int) -> str:
-    """<workdir>/model/: a CoPE checkpoint (DESIGN.md §7) with the tokenizer, for chat and evaluation."""
+    """<workdir>/model/: a CoPE checkpoint (docs/architecture.md §7) with the tokenizer, for chat and evaluation."""
     from cope_jax.convert import cope_checkpoint_info
 
     path = os.path.join(workdir, MODEL_DIR)

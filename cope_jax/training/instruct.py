@@ -1,4 +1,4 @@
-"""Stage-2 data: LLaVA-Video-178K conversations joined to preprocessed videos (DESIGN.md §8).
+"""Stage-2 data: LLaVA-Video-178K conversations joined to preprocessed videos (docs/architecture.md §8).
 
 Rows come from `.json` lists, `.jsonl` files or LLaVA's YAML mixture (`read_annotations`). Each
 row is checked and budgeted once, before any batching (`InstructSource`): its video must be in the

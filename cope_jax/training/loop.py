@@ -1,4 +1,4 @@
-"""The one training loop both stages run (DESIGN.md §5).
+"""The one training loop both stages run (docs/architecture.md §5).
 
 A stage (`pretrain.Stage`, `finetune.Stage`) is built from a config and supplies only what is its
 own: the trainable parameters, the optimizer, the grain loader, a jitted step, an evaluation and

@@ -108,7 +108,7 @@ def make_functions(model_graph, siglip_graph, tx):
         (loss, copy_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, siglip_state, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
-        return params, opt_state, {"loss": loss, "copy_loss": copy_loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {"loss": loss, "copy_loss": copy_loss, "grad_norm": optax.tree.norm(grads)}
 
     def siglip_tokens(siglip_state, rgb):
         return nnx.merge(siglip_graph, siglip_state)(normalize_frames(rgb)).astype(jnp.float32)

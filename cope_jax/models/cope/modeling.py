@@ -1,4 +1,4 @@
-"""CoPE-VideoLM: LLaVA-Video's keyframe path + the Δ-encoder + Qwen2 (paper §3.2, DESIGN.md §4, §7).
+"""CoPE-VideoLM: LLaVA-Video's keyframe path + the Δ-encoder + Qwen2 (paper §3.2, docs/architecture.md §4, §7).
 
 Keyframe path = LLaVA-NeXT "grid" semantics (`llava_arch.py`: `encode_images` -> `get_2dPool` ->
 `add_token_per_grid`), not the HF LlavaOnevision port: SigLIP tower (last layer removed) ->
@@ -30,7 +30,7 @@ from cope_jax.models.qwen2.modeling import Qwen2Config, Qwen2ForCausalLM
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
 
 POOL_MODES = ("bilinear", "average")
-# delta_mode (DESIGN.md §7): "cope" = Δ-tokens as trained; "zero" = Δ-tokens zeroed at the Δ-encoder
+# delta_mode (docs/architecture.md §7): "cope" = Δ-tokens as trained; "zero" = Δ-tokens zeroed at the Δ-encoder
 # output, structure kept (paper App. H.3); "keyframes_only" = P steps dropped from the plan (H.4).
 DELTA_MODES = ("cope", "zero", "keyframes_only")
 
@@ -183,7 +183,7 @@ class CoPEVideoLM(nnx.Module):
 
     def encode_video(self, keyframes: jax.Array, mv: jax.Array, residual: jax.Array, token_source: jax.Array,
                      zero_delta: bool = False) -> jax.Array:
-        """The visual token stream of a batch of videos (DESIGN.md §7).
+        """The visual token stream of a batch of videos (docs/architecture.md §7).
 
         keyframes uint8 or normalised float [K,H,W,3] (every keyframe of the batch), mv [P,H,W,2] and
         residual [P,H,W,3] (every P step), token_source int32 [B,L] (`inference.stream`: index into

@@ -472,7 +472,8 @@ def export(model: CoPEVideoLM, tokenizer, settings: VideoSettings, delta_info: d
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         tokenizer.save_pretrained(partial)
-        info = cope_checkpoint_info(model, delta_info or {"source": "random"}, settings)
+        # Trained here either way; without stage 1 it started random (paper H.2), which the source says.
+        info = cope_checkpoint_info(model, delta_info or {"source": "random initialisation, trained in stage 2"}, settings)
         checkpoints.save(partial, model, source=f"stage 2 fine-tuning ({workdir}, step {step})", step=step, **info)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(partial, path)
@@ -523,6 +524,7 @@ def train(config, workdir: str) -> dict:
 
 
 def evaluate_only(config, workdir: str) -> dict:
+    loop.require_checkpoint(config, workdir)
     stage = Stage(config, workdir)
     loop.restore_latest(stage)
     return stage.evaluate(stage.params)

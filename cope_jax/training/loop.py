@@ -63,7 +63,7 @@ def train(stage: Stage) -> dict:
         step = latest
         log(f"resumed from step {latest} ({ckpt.directory})")
     writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0)
-    order_log = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.get("record_data_order") else None
+    order_log = open(data_order_path(workdir), "a") if config.get("record_data_order") else None
     stop = core.StopRequest()
     meter, history, window = None, [], []
     try:
@@ -106,6 +106,12 @@ def train(stage: Stage) -> dict:
     return result
 
 
+def data_order_path(workdir: str) -> str:
+    """Each process logs the examples of its own slice of every batch (process 0: data_order.jsonl)."""
+    index = jax.process_index()
+    return os.path.join(workdir, "data_order.jsonl" if index == 0 else f"data_order.process{index}.jsonl")
+
+
 def _log_window(stage: Stage, writer: metrics.MetricWriter, step: int, window: list[dict], meter) -> float:
     """Window means of the step metrics -> TensorBoard and one console line; returns the loss."""
     values = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
@@ -116,6 +122,18 @@ def _log_window(stage: Stage, writer: metrics.MetricWriter, step: int, window: l
         f"grad_norm {values['grad_norm']:.3f}  {values['steps_per_second']:.2f} steps/s  "
         f"{values['examples_per_second']:.1f} examples/s  ETA {core.format_eta(values['eta_seconds'])}")
     return values["loss"]
+
+
+def require_checkpoint(config, workdir: str) -> None:
+    """--mode=eval: refuses before anything is built or written when the workdir has no checkpoint."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    latest = None
+    if os.path.isdir(directory):
+        ckpt = open_checkpoints(config, workdir)
+        latest = ckpt.latest_step()
+        ckpt.close()
+    if latest is None:
+        raise ConfigError(f"{directory}: no checkpoint to evaluate (train first, or point --workdir at a trained run)")
 
 
 def restore_latest(stage: Stage) -> int:

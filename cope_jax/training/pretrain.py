@@ -208,6 +208,7 @@ def train(config, workdir: str) -> dict:
 
 def evaluate_only(config, workdir: str) -> dict:
     """Retrieval with the latest checkpoint of `workdir` (refused when there is none)."""
+    loop.require_checkpoint(config, workdir)
     stage = Stage(config, workdir)
     loop.restore_latest(stage)
     return stage.evaluate()

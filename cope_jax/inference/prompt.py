@@ -57,6 +57,15 @@ def user_pieces(question: str, video_preamble: str | None = None) -> list[Piece]
     return [Piece(f"{IM_START}user\n"), Piece(IMAGE_PLACEHOLDER), Piece(f"{text}{IM_END}\n")]
 
 
+def video_prefix_pieces(video_preamble: str = "", system: str = SYSTEM_PROMPT) -> list[Piece]:
+    """The start every question about one video shares: the system turn, the user header, the
+    visual stream and the time instruction up to where the question begins. Tokenised alone it
+    is normally a prefix of the whole first turn (pre-tokenisers split before a question's first
+    word); `VideoChat` checks that and re-prefills the whole turn when it is not."""
+    tail = f"\n{video_preamble}\n" if video_preamble else "\n"
+    return system_pieces(system) + [Piece(f"{IM_START}user\n"), Piece(IMAGE_PLACEHOLDER), Piece(tail)]
+
+
 def assistant_header() -> list[Piece]:
     return [Piece(f"{IM_START}assistant\n")]
 

@@ -8,6 +8,7 @@ Chat, evaluation and the TTFT benchmark all run this code, so what is measured i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import time
@@ -69,6 +70,23 @@ def _text_embeddings(graphdef, state, ids):
 
 
 @dataclasses.dataclass
+class _EncodedVideo:
+    """A video's token tables and what its first prompt needs."""
+
+    tables: tuple  # (keyframe tokens, P-step tokens)
+    token_source: np.ndarray
+    visual_tokens: int
+    preamble: str
+    stats: TurnStats
+
+
+@dataclasses.dataclass
+class _Prefix:
+    encoded: _EncodedVideo
+    length: int  # tokens of the shared prefix in the cache
+
+
+@dataclasses.dataclass
 class _Turn:
     """A turn ready to prefill: its embeddings, the cache to prefill into, its ids."""
 
@@ -123,10 +141,44 @@ class VideoChat:
         self.pending: int | None = None  # the last generated token, not yet in the cache
         self.turns: list[TurnStats] = []
         self.plan = None
+        self.prefix: _Prefix | None = None  # set by prefill_video
 
     @property
     def last(self) -> TurnStats:
         return self.turns[-1]
+
+    # -- one video, many questions
+
+    def prefill_video(self) -> TurnStats:
+        """Reads and encodes the video and prefills the prefix every first question shares (system,
+        user header, visual stream, time instruction). Then `fork()` per question: each answers
+        from this cache, prefilling only its own words (evaluation of many questions per video).
+        Returns the prefix's stats (visual tokens; primitives/vision/delta/prefill timings)."""
+        if self.cache is not None:
+            raise RuntimeError("prefill_video() starts a conversation; this one has already begun")
+        clock = time.perf_counter()
+        encoded = self._encode_video()
+        tokenized = prompts.tokenize(self.tokenizer, prompts.video_prefix_pieces(encoded.preamble), encoded.visual_tokens)
+        embeds = _video_prompt_embeddings(self.graphdef, self.state, *encoded.tables, encoded.token_source,
+                                          tokenized.ids[None], tokenized.is_visual[None])
+        cache = KVCache.init(self.model.config.text, 1, round_up(len(tokenized), CACHE_BLOCK), self.model.language_model.dtype)
+        prefill_clock = time.perf_counter()
+        _, self.cache = prefill(self.lm_graphdef, self.lm_state, embeds, jnp.ones(embeds.shape[:2], bool), cache,
+                                self.sampling, self._next_rng(), True, True)
+        _ready(self.cache.end)
+        encoded.stats.timings["prefill_s"] = time.perf_counter() - prefill_clock
+        encoded.stats.ttft_s = time.perf_counter() - clock
+        encoded.stats.prompt_tokens = len(tokenized)
+        self._append(tokenized.ids.tolist(), tokenized.is_visual.tolist())
+        self.prefix = _Prefix(encoded, len(tokenized))
+        return encoded.stats
+
+    def fork(self) -> "VideoChat":
+        """A conversation that continues independently from this one's current state (the cache
+        arrays are immutable, so nothing is copied)."""
+        other = copy.copy(self)
+        other.ids, other.is_visual, other.turns = list(self.ids), list(self.is_visual), list(self.turns)
+        return other
 
     def ask(self, question: str) -> Iterator[str]:
         """Streams the answer's text; `self.last` holds the turn's TurnStats once the answer ends
@@ -134,13 +186,17 @@ class VideoChat:
         started = time.perf_counter()
         if self.cache is None:
             turn = self._first_turn(question)
+        elif self.prefix is not None and not self.turns:
+            turn = self._first_turn_after_prefix(question)
         else:
             turn = self._next_turn(question)
         yield from self._generate(turn, started)
 
     # -- prompts
 
-    def _first_turn(self, question: str) -> "_Turn":
+    def _encode_video(self) -> "_EncodedVideo":
+        """Reads the planned steps and runs every keyframe through SigLIP and every P step through
+        the Δ-encoder (one call each), timing both."""
         timings = {}
         clock = time.perf_counter()
         video = self.load_video()
@@ -161,16 +217,44 @@ class VideoChat:
                                              self.settings.delta_mode == "zero"))
         timings["delta_s"] = time.perf_counter() - clock
         preamble = prompts.time_instruction(plan.duration, plan.timestamps) if self.settings.time_instruction else ""
-        pieces = prompts.conversation_pieces([("human", question)], preamble, add_generation_prompt=True)
-        tokenized = prompts.tokenize(self.tokenizer, pieces, int(batch.lengths[0]))
-        embeds = _video_prompt_embeddings(self.graphdef, self.state, keyframe_tokens, p_step_tokens,
-                                          batch.token_source, tokenized.ids[None], tokenized.is_visual[None])
-        cache = KVCache.init(cfg.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens, CACHE_BLOCK),
-                             self.model.language_model.dtype)
-        stats = TurnStats(visual_tokens=int(batch.lengths[0]), prompt_tokens=len(tokenized), generated_tokens=0,
+        stats = TurnStats(visual_tokens=int(batch.lengths[0]), prompt_tokens=0, generated_tokens=0,
                           ttft_s=0.0, e2el_s=0.0, keyframes=plan.num_keyframes, p_steps=plan.num_p_steps,
                           timings=timings)
-        return _Turn(embeds, cache, tokenized.ids.tolist(), tokenized.is_visual.tolist(), stats, first=True)
+        return _EncodedVideo((keyframe_tokens, p_step_tokens), batch.token_source, int(batch.lengths[0]), preamble, stats)
+
+    def _first_turn(self, question: str) -> "_Turn":
+        encoded = self._encode_video()
+        tokenized = self._first_prompt(question, encoded)
+        embeds = _video_prompt_embeddings(self.graphdef, self.state, *encoded.tables, encoded.token_source,
+                                          tokenized.ids[None], tokenized.is_visual[None])
+        cache = KVCache.init(self.model.config.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens, CACHE_BLOCK),
+                             self.model.language_model.dtype)
+        encoded.stats.prompt_tokens = len(tokenized)
+        return _Turn(embeds, cache, tokenized.ids.tolist(), tokenized.is_visual.tolist(), encoded.stats, first=True)
+
+    def _first_prompt(self, question: str, encoded: "_EncodedVideo") -> prompts.TokenizedPrompt:
+        pieces = prompts.conversation_pieces([("human", question)], encoded.preamble, add_generation_prompt=True)
+        return prompts.tokenize(self.tokenizer, pieces, encoded.visual_tokens)
+
+    def _first_turn_after_prefix(self, question: str) -> "_Turn":
+        """The first question after `prefill_video`: only the words after the shared prefix are
+        prefilled, unless tokenising the whole turn does not start with the prefix's ids (then the
+        whole turn is prefilled afresh, so answers never depend on sharing)."""
+        prefix = self.prefix
+        tokenized = self._first_prompt(question, prefix.encoded)
+        stats = dataclasses.replace(prefix.encoded.stats, timings={}, prompt_tokens=len(tokenized), ttft_s=0.0)
+        n = prefix.length
+        if tokenized.ids[:n].tolist() != self.ids[:n] or tokenized.is_visual[:n].tolist() != self.is_visual[:n]:
+            self.cache, self.ids, self.is_visual = None, [], []
+            embeds = _video_prompt_embeddings(self.graphdef, self.state, *prefix.encoded.tables,
+                                              prefix.encoded.token_source, tokenized.ids[None], tokenized.is_visual[None])
+            cache = KVCache.init(self.model.config.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens,
+                                                                     CACHE_BLOCK), self.model.language_model.dtype)
+            return _Turn(embeds, cache, tokenized.ids.tolist(), tokenized.is_visual.tolist(), stats, first=True)
+        rest = tokenized.ids[n:].tolist()
+        embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(rest, jnp.int32)[None])
+        needed = round_up(int(self.cache.end) + len(rest) + self.sampling.max_new_tokens, CACHE_BLOCK)
+        return _Turn(embeds, grow_cache(self.cache, needed), rest, [False] * len(rest), stats, first=False)
 
     def _next_turn(self, question: str) -> "_Turn":
         ids = self._close_previous_answer()

@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "ml-dtypes>=0.5",
     "tqdm>=4.66",
+    "PyYAML>=6",  # LLaVA's data mixtures (stage 2)
+    "matplotlib==3.11.2",  # the evaluation sweep's accuracy-vs-tokens plot
 ]
 
 setup(

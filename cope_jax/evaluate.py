@@ -128,9 +128,17 @@ def _video_source(question: Question, videos: str, records, settings):
     from cope_jax.inference import video_from_file, video_from_records
 
     video_id = os.path.splitext(question.video)[0].lstrip("./")
-    if records is not None and video_id in records["ids"]:
+    if records is not None and video_id in records["ids"] and records["settings"] == _reading(settings.preprocessing):
         return lambda: video_from_records(records["dir"], video_id)
     return lambda: video_from_file(os.path.join(videos, question.video), settings.preprocessing)
+
+
+_READING_FIELDS = ("fps", "gop", "fusion", "size")
+
+
+def _reading(preprocessing) -> dict:
+    """What must match for preprocessed records to stand in for reading the file."""
+    return {k: getattr(preprocessing, k) for k in _READING_FIELDS}
 
 
 def _earlier(output: str) -> list[dict]:
@@ -169,7 +177,11 @@ def evaluate(model, tokenizer, settings, questions: list[Question], videos: str,
     if records_dir:
         from data_pipeline import records as records_module
 
-        records = {"dir": records_dir, "ids": set(records_module.open(records_dir).video_ids())}
+        from cope_jax.training.instruct import data_settings
+
+        manifest = data_settings(records_dir)
+        records = {"dir": records_dir, "ids": set(records_module.open(records_dir).video_ids()),
+                   "settings": {k: manifest.get(k) for k in _READING_FIELDS}}
     entries = _earlier(output)
     done = {e["id"] for e in entries if "id" in e}
     todo = [q for q in questions if q.id not in done]
@@ -232,6 +244,110 @@ def summarise(entries: list[dict]) -> dict:
             "mean_ttft_s": sum(e["ttft_s"] for e in answered) / n}
 
 
+# ---------------------------------------------------------------------------- ablation sweep
+
+# The paper's grid on one checkpoint: keyframe density (Tab. 1), Δ-tokens zeroed (App. H.3),
+# keyframes only (H.4), smaller fusion windows = more P steps per second (H.5), and the dense
+# LLaVA-Video baseline of 64 frames (Fig. 4a).
+PAPER_SWEEP = ("keyframes_per_gop=1", "keyframes_per_gop=2", "keyframes_per_gop=4",
+               "keyframes_per_gop=1,delta_mode=zero", "keyframes_per_gop=1,delta_mode=keyframes_only",
+               "keyframes_per_gop=1,fusion=15", "keyframes_per_gop=1,fusion=10", "dense_frames=64")
+SWEEP_FIELDS = {"keyframes_per_gop": int, "max_gops": int, "dense_frames": int, "delta_mode": str, "fusion": int}
+
+
+def parse_sweep(spec: str) -> list[dict]:
+    """"paper", or settings separated by ";" each "field=value,field=value" (fields: keyframes_per_gop,
+    delta_mode, dense_frames, max_gops, fusion) -> one dict per setting."""
+    entries = PAPER_SWEEP if spec.strip() == "paper" else [e for e in spec.split(";") if e.strip()]
+    settings = []
+    for entry in entries:
+        setting = {}
+        for part in entry.split(","):
+            field, _, value = part.partition("=")
+            field = field.strip()
+            if field not in SWEEP_FIELDS or not value.strip():
+                raise UserError(f"--sweep {entry!r}: expected field=value with fields {', '.join(SWEEP_FIELDS)}")
+            try:
+                setting[field] = SWEEP_FIELDS[field](value.strip())
+            except ValueError:
+                raise UserError(f"--sweep {entry!r}: {field} takes an integer, got {value.strip()!r}") from None
+        settings.append(setting)
+    if not settings:
+        raise UserError("--sweep: no settings")
+    return settings
+
+
+def sweep_name(setting: dict) -> str:
+    return "_".join(f"{k}-{v}" for k, v in setting.items())
+
+
+def apply_setting(settings, setting: dict):
+    """A sweep entry over the checkpoint's VideoSettings (fusion changes how videos are preprocessed)."""
+    switches = {k: v for k, v in setting.items() if k != "fusion"}
+    if "fusion" in setting:
+        switches["preprocessing"] = dataclasses.replace(settings.preprocessing, fusion=setting["fusion"])
+    updated = dataclasses.replace(settings, **switches)
+    try:
+        updated.check()
+    except ValueError as e:
+        raise UserError(f"--sweep {sweep_name(setting)}: {e}") from None
+    return updated
+
+
+def run_sweep(model, tokenizer, settings, setting_list: list[dict], questions, videos: str, output: str, **kwargs) -> list[dict]:
+    """Evaluates every setting into <output>/<name>/, then writes <output>/sweep.md and sweep.png."""
+    rows = []
+    for setting in setting_list:
+        name = sweep_name(setting)
+        print(f"sweep: {name}", file=sys.stderr, flush=True)
+        results = evaluate(model, tokenizer, apply_setting(settings, setting), questions, videos,
+                           os.path.join(output, name), **kwargs)
+        rows.append({"setting": name, **setting, **results})
+    write_sweep_table(rows, os.path.join(output, "sweep.md"))
+    plot_sweep(rows, os.path.join(output, "sweep.png"))
+    with open(os.path.join(output, "sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
+def write_sweep_table(rows: list[dict], path: str) -> None:
+    lines = ["| setting | accuracy | questions | failed | visual tokens / video | TTFT (s) |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['setting']} | {row['accuracy']:.1%} | {row['count']} | {row['failed']} | "
+                     f"{row['mean_visual_tokens']:.0f} | {row['mean_ttft_s']:.3f} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_sweep(rows: list[dict], path: str) -> None:
+    """Accuracy against visual tokens per video, one point per setting, the dense baseline marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        dense = bool(row.get("dense_frames"))
+        axes.scatter(row["mean_visual_tokens"], 100 * row["accuracy"], marker="s" if dense else "o",
+                     color="tab:red" if dense else "tab:blue", s=60 if dense else 40, zorder=3)
+        axes.annotate(row["setting"], (row["mean_visual_tokens"], 100 * row["accuracy"]),
+                      textcoords="offset points", xytext=(5, 4), fontsize=7)
+    axes.scatter([], [], marker="o", color="tab:blue", label="CoPE settings")
+    axes.scatter([], [], marker="s", color="tab:red", label="dense keyframes (LLaVA-Video baseline)")
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_xscale("log")
+    axes.margins(x=0.25, y=0.1)
+    axes.set_xlabel("visual tokens per video (log)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title("CoPE-VideoLM: accuracy vs visual tokens")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -250,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     switches.add_argument("--delta-mode", choices=["cope", "zero", "keyframes_only"], help="zero: App. H.3; keyframes_only: H.4")
     switches.add_argument("--dense-frames", type=int, help="the LLaVA-Video baseline: N frames, all keyframes")
     switches.add_argument("--max-gops", type=int, help="longer videos keep this many GOPs, spread uniformly")
+    parser.add_argument("--sweep", default="", help='ablation grid: "paper" (keyframes per GOP 1/2/4, zero, keyframes_only, '
+                        'fusion 15/10, dense 64) or settings like "keyframes_per_gop=1;delta_mode=zero;fusion=15" -> '
+                        "one subdirectory each, sweep.md (table) and sweep.png (accuracy vs visual tokens)")
     return parser
 
 
@@ -258,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.limit < 0 or args.max_new_tokens < 1:
             raise UserError("--limit must be >= 0 and --max-new-tokens >= 1")
+        sweep = parse_sweep(args.sweep) if args.sweep else None
         questions, problems = read_questions(args.questions)
         if args.limit:
             questions = questions[: args.limit]
@@ -270,10 +390,18 @@ def main(argv: list[str] | None = None) -> int:
                                                     delta_mode=args.delta_mode, dense_frames=args.dense_frames,
                                                     max_gops=args.max_gops)
         started = time.perf_counter()
+        common = dict(records_dir=os.path.expanduser(args.records), max_new_tokens=args.max_new_tokens, problems=problems,
+                      checkpoint=os.path.abspath(os.path.expanduser(args.checkpoint)))
+        if sweep:
+            for setting in sweep:  # every setting checked before the first one runs
+                apply_setting(settings, setting)
+            rows = run_sweep(model, tokenizer, settings, sweep, questions, os.path.expanduser(args.videos),
+                             os.path.expanduser(args.output), **common)
+            print(open(os.path.join(os.path.expanduser(args.output), "sweep.md")).read(), end="")
+            print(f"{len(rows)} settings in {time.perf_counter() - started:.1f}s -> {args.output}/sweep.md, sweep.png")
+            return 0
         results = evaluate(model, tokenizer, settings, questions, os.path.expanduser(args.videos),
-                           os.path.expanduser(args.output), records_dir=os.path.expanduser(args.records),
-                           max_new_tokens=args.max_new_tokens, problems=problems,
-                           checkpoint=os.path.abspath(os.path.expanduser(args.checkpoint)))
+                           os.path.expanduser(args.output), **common)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -114,3 +114,25 @@ def test_switches_change_token_counts(cope_dir, videos, tmp_path, capsys):  # no
     assert evaluate.main(["--checkpoint", cope_dir, "--questions", str(tmp_path / "none.jsonl"), "--output",
                           str(tmp_path / "x")]) == 1
     assert "error: --questions" in capsys.readouterr().err
+
+
+def test_sweep_writes_its_table_and_plot(cope_dir, videos, tmp_path, capsys):  # noqa: F811
+    write_questions(tmp_path / "q.jsonl")
+    output = tmp_path / "sweep"
+    code = evaluate.main(["--checkpoint", cope_dir, "--questions", str(tmp_path / "q.jsonl"), "--videos", videos,
+                          "--output", str(output), "--limit", "1", "--max-new-tokens", "2",
+                          "--sweep", "keyframes_per_gop=1;delta_mode=keyframes_only;fusion=15;dense_frames=4"])
+    assert code == 0
+    table = (output / "sweep.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and table[2].startswith("| keyframes_per_gop-1 |") and table[5].startswith("| dense_frames-4 |")
+    rows = json.load(open(output / "sweep.json"))
+    tokens = {row["setting"]: row["mean_visual_tokens"] for row in rows}
+    assert tokens["delta_mode-keyframes_only"] < tokens["keyframes_per_gop-1"]
+    assert tokens["fusion-15"] != tokens["keyframes_per_gop-1"]  # more, smaller steps per GOP (paper H.5)
+    assert (output / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.path.exists(output / "fusion-15" / "predictions.jsonl")
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", cope_dir, "--questions", str(tmp_path / "q.jsonl"), "--output", str(output),
+                          "--sweep", "speed=3"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: --sweep 'speed=3': expected field=value with fields "
+                                               "keyframes_per_gop, max_gops, dense_frames, delta_mode, fusion")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -164,8 +165,10 @@ def _check_settings(output: str, described: dict) -> None:
 
 
 def evaluate(model, tokenizer, settings, questions: list[Question], videos: str, output: str, *, records_dir: str = "",
-             max_new_tokens: int = 32, problems: list[dict] = (), checkpoint: str = "", progress: bool = True) -> dict:
-    """Answers every question not already in <output>/predictions.jsonl, then writes results.json."""
+             max_new_tokens: int = 32, problems: list[dict] = (), checkpoint: str = "", progress: bool = True,
+             share_prefix: bool = True) -> dict:
+    """Answers every question not already in <output>/predictions.jsonl, then writes results.json.
+    `share_prefix=False` prefills every question's whole prompt afresh (for comparison)."""
     from tqdm import tqdm
 
     from cope_jax.inference import VideoChat
@@ -196,10 +199,11 @@ def evaluate(model, tokenizer, settings, questions: list[Question], videos: str,
                 entries.append(problem)
                 log_file.write(json.dumps(problem) + "\n")
         for video_name, group in by_video.items():
-            base = VideoChat(model, tokenizer, settings, video=_video_source(group[0], videos, records, settings),
-                             sampling=sampling)
+            # Read once either way; without sharing, each question still prefills its whole prompt.
+            video = functools.cache(_video_source(group[0], videos, records, settings))
+            base = VideoChat(model, tokenizer, settings, video=video, sampling=sampling)
             try:
-                base.prefill_video()
+                base.prefill_video() if share_prefix else video()
                 failure = None
             except UserError as e:
                 failure = str(e)

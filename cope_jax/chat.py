@@ -27,6 +27,7 @@ import os
 import sys
 import time
 
+from cope_jax import cli
 from cope_jax.errors import UserError
 
 EXIT_BAD_INPUT = 1
@@ -41,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--record", metavar="DIR", help="a preprocessing output directory (with --video-id)")
     source.add_argument("--video-id", help="the video's id in --record: its path under the input root, without extension")
     parser.add_argument("--question", help="ask once and exit; omitted: interactive multi-turn chat")
-    switches = parser.add_argument_group("how the video is read (defaults: the checkpoint's settings; paper App. H)")
-    switches.add_argument("--keyframes-per-gop", type=int, help="keyframes per GOP; the other steps become Δ-tokens (1 = fastest, Fig. 4a)")
-    switches.add_argument("--delta-mode", choices=["cope", "zero", "keyframes_only"],
-                          help="cope: Δ-tokens as trained; zero: Δ-tokens zeroed (App. H.3); keyframes_only: P steps dropped (App. H.4)")
-    switches.add_argument("--dense-frames", type=int, help="the LLaVA-Video baseline: N frames spread over the video, all keyframes")
-    switches.add_argument("--max-gops", type=int, help="longer videos keep this many GOPs, spread uniformly")
+    cli.add_switch_arguments(parser, "how the video is read (defaults: the checkpoint's settings; paper App. H)")
     generation = parser.add_argument_group("generation")
     generation.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default %(default)s)")
     generation.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
@@ -96,8 +92,7 @@ def open_chat(args, log):
     from cope_jax import checkpoints, inference
     from cope_jax.inference.generation import SamplingConfig
 
-    switches = dict(keyframes_per_gop=args.keyframes_per_gop, delta_mode=args.delta_mode,
-                    dense_frames=args.dense_frames, max_gops=args.max_gops)
+    switches = cli.switches_from_args(args)
     log(f"loading {args.checkpoint} ...")
     model, tokenizer, settings = inference.load(args.checkpoint, **switches)
     delta = checkpoints.read_meta(os.path.abspath(os.path.expanduser(args.checkpoint))).get("delta_encoder", {})

@@ -31,6 +31,7 @@ import string
 import sys
 import time
 
+from cope_jax import cli
 from cope_jax.errors import UserError
 
 MC_POSTFIX = "Answer with the option's letter from the given choices directly."
@@ -365,11 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="predictions.jsonl, results.json and settings.json go here; a rerun resumes")
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer (default %(default)s)")
-    switches = parser.add_argument_group("how videos are read (defaults: the checkpoint's; paper App. H)")
-    switches.add_argument("--keyframes-per-gop", type=int, help="keyframes per GOP, the rest Δ-tokens (Tab. 1)")
-    switches.add_argument("--delta-mode", choices=["cope", "zero", "keyframes_only"], help="zero: App. H.3; keyframes_only: H.4")
-    switches.add_argument("--dense-frames", type=int, help="the LLaVA-Video baseline: N frames, all keyframes")
-    switches.add_argument("--max-gops", type=int, help="longer videos keep this many GOPs, spread uniformly")
+    cli.add_switch_arguments(parser)
     parser.add_argument("--sweep", default="", help='ablation grid: "paper" (keyframes per GOP 1/2/4, zero, keyframes_only, '
                         'fusion 15/10, dense 64) or settings like "keyframes_per_gop=1;delta_mode=zero;fusion=15" -> '
                         "one subdirectory each, sweep.md (table) and sweep.png (accuracy vs visual tokens)")
@@ -390,9 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         from cope_jax import inference
 
         print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
-        model, tokenizer, settings = inference.load(args.checkpoint, keyframes_per_gop=args.keyframes_per_gop,
-                                                    delta_mode=args.delta_mode, dense_frames=args.dense_frames,
-                                                    max_gops=args.max_gops)
+        model, tokenizer, settings = inference.load(args.checkpoint, **cli.switches_from_args(args))
         started = time.perf_counter()
         common = dict(records_dir=os.path.expanduser(args.records), max_new_tokens=args.max_new_tokens, problems=problems,
                       checkpoint=os.path.abspath(os.path.expanduser(args.checkpoint)))

@@ -73,7 +73,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 
-from cope_jax import checkpoints, inference
+from cope_jax import checkpoints, cli, inference
 from cope_jax.errors import UserError
 from cope_jax.inference import prompt as prompts
 from cope_jax.inference.generation import SamplingConfig
@@ -615,11 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens-limit", type=int, default=4096,
                         help="the longest answer a request may ask for; the KV cache is sized by it (default %(default)s)")
     parser.add_argument("--video-cache", type=int, default=4, help="videos kept decoded in memory (default %(default)s)")
-    switches = parser.add_argument_group("how videos are read when a request does not say (default: the checkpoint's settings)")
-    switches.add_argument("--keyframes-per-gop", type=int, help="keyframes per GOP; the other steps become Δ-tokens")
-    switches.add_argument("--delta-mode", choices=["cope", "zero", "keyframes_only"], help="see docs/architecture.md §7")
-    switches.add_argument("--dense-frames", type=int, help="the LLaVA-Video baseline: N frames, all keyframes")
-    switches.add_argument("--max-gops", type=int, help="longer videos keep this many GOPs, spread uniformly")
+    cli.add_switch_arguments(parser, "how videos are read when a request does not say (default: the checkpoint's settings)")
     return parser
 
 
@@ -647,8 +643,7 @@ def is_loopback(host: str) -> bool:
 
 
 def load_service(args, log) -> Service:
-    switches = dict(keyframes_per_gop=args.keyframes_per_gop, delta_mode=args.delta_mode,
-                    dense_frames=args.dense_frames, max_gops=args.max_gops)
+    switches = cli.switches_from_args(args)
     directory = os.path.abspath(os.path.expanduser(args.checkpoint))
     log(f"loading {directory} ...")
     model, tokenizer, settings = inference.load(directory, **switches)

@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_pretrain.py
 	$(VENV)/bin/python bench/bench_long_prefill.py
 	$(VENV)/bin/python bench/bench_ttft.py
+	$(VENV)/bin/python bench/plan_finetune.py --devices 8 --mesh fsdp=8 --remat layer none
+	$(VENV)/bin/python bench/plan_finetune.py --devices 64 --mesh fsdp=64 --grad-accum 2
 
 # lmms-eval (integrations/lmms_eval/) gets its own virtualenv: lmms-eval 0.7.3 pins av<16 (we pin 18) and
 # pulls torch, torchvision, wandb and ~150 more packages. CPU torch goes in first (it lies in pip's

@@ -226,6 +226,10 @@ def test_8_devices_fsdp_x_tensor_equal_1_device(demo, tmp_path):
         if len(stage.mesh.devices.flat) == 8:
             sharded = [x for x in jax.tree.leaves(stage.params) if not x.sharding.is_fully_replicated]
             assert sharded, "no parameter is sharded on the 8-device mesh"
+            # Adam's two moments of every sharded parameter are sharded like it (never replicated).
+            opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
+            moments = [x for x in jax.tree.leaves(opt_state) if not x.sharding.is_fully_replicated]
+            assert len(moments) == 2 * len(sharded)
         results.append((float(loss), float(count), [np.asarray(x) for x in jax.tree.leaves(grads)]))
     (loss_1, count_1, grads_1), (loss_8, count_8, grads_8) = results
     assert count_8 == count_1 and loss_8 == pytest.approx(loss_1, rel=1e-5)

@@ -79,12 +79,33 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 
 
 def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
-    """Optimizer state on the mesh: moments follow their parameters' shardings (jit propagates
-    them); leaves jit leaves on one device (step counters) are replicated over the mesh, so a
-    restore onto another device count has one consistent placement."""
-    state = jax.jit(tx.init)(params)
-    devices, replicated = set(mesh.devices.flat), NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: x if x.sharding.device_set == devices else jax.device_put(x, replicated), state)
+    """Optimizer state on the mesh, each moment sharded like its parameter, scalars (step
+    counters) replicated. Sharding propagation alone cannot be trusted here: `zeros_like` does not
+    depend on the parameter's values, and jit left every moment on one device (7B: 61 GiB of
+    Adam moments per device; BENCHMARKS.md, stage 2 memory plan)."""
+    return jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params, mesh))(params)
+
+
+def optimizer_state_shardings(tx: optax.GradientTransformation, params, mesh):
+    """The sharding of every optimizer-state leaf: a leaf whose tree path ends with a parameter's
+    path and has its shape (Adam's mu and nu, inside any chain / mask / multi_transform) takes
+    that parameter's sharding; anything else is replicated."""
+    by_path = {_path_key(path): (leaf.shape, leaf.sharding) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding_of(path, leaf):
+        key = _path_key(path)
+        for start in range(len(key)):
+            match = by_path.get(key[start:])
+            if match is not None and match[0] == leaf.shape:
+                return match[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(tx.init, params))
+
+
+def _path_key(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 class Checkpoints:

@@ -70,7 +70,7 @@ def _common() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999
     c.grad_clip_norm = 1.0
     c.compute_dtype = "bfloat16"  # activations and matmuls; master weights and optimizer state stay float32
-    c.remat = "none"  # per decoder layer: "none", "layer" (recompute all), "dots" (keep matmul outputs)
+    c.remat = "none"  # per layer of every transformer (tower, Δ-encoder, LLM): "none", "layer" (recompute all), "dots" (keep matmul outputs)
     c.loss_chunk = 1024  # sequence positions per logits chunk of the loss ([B,T,V] is never built)
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.logical_rules = ml_collections.ConfigDict({logical: axes for logical, axes in sharding.DEFAULT_RULES})

@@ -326,3 +326,18 @@ def test_cli_bad_value_is_one_line_and_eval_without_checkpoint_refuses(demo, tmp
              f"--config.delta_checkpoint={demo['stage1']}", "--config.run_pretrain=False", "--mode=eval"]
     result = subprocess.run([*base, *flags], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and "no checkpoint to evaluate" in result.stderr.strip().splitlines()[-1]
+
+
+def test_remat_policies_give_the_same_loss_and_gradients(demo, tmp_path):
+    """Remat per layer of the tower (trained here), the Δ-encoder and the LLM changes memory, not values."""
+    results = {}
+    for remat in ("none", "layer", "dots"):
+        stage = finetune.Stage(on_demo(demo, remat=remat, frozen=[]), str(tmp_path / remat))
+        batch = stage.device_batch(next(iter(stage.loader)))
+        (loss, _), grads = stage.loss_and_grad(stage.params, stage.frozen, stage.rest, batch)
+        results[remat] = (float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)])
+    scale = max(np.abs(g).max() for g in results["none"][1])
+    for remat in ("layer", "dots"):
+        assert results[remat][0] == pytest.approx(results["none"][0], rel=1e-6)
+        for a, b in zip(results["none"][1], results[remat][1]):
+            np.testing.assert_allclose(b, a, atol=1e-6 * scale)

@@ -11,6 +11,19 @@ from cope_jax.sharding import initializer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# Activation rematerialisation per transformer layer (jax.checkpoint policies): "layer" recomputes
+# everything in the backward pass, "dots" keeps the matmul outputs without batch dimensions.
+REMAT_POLICIES = {"none": None, "layer": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def layer_runner(remat: str, apply=lambda layer, x: layer(x)):
+    """`apply(layer, x)` under `remat`'s policy (REMAT_POLICIES). The layer stays an argument, so
+    nnx lifts its weights into the checkpointed function instead of closing over them."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    return apply if remat == "none" else nnx.remat(apply, policy=REMAT_POLICIES[remat])
+
 
 def resolve_dtype(name_or_dtype) -> jnp.dtype:
     """'bfloat16' / jnp.bfloat16 -> jnp.bfloat16, with a clear error for anything else."""

@@ -28,7 +28,8 @@ from cope_jax.errors import ConfigError
 from cope_jax.inference.stream import VideoSettings
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
 from cope_jax.models.delta_encoder.modeling import parameter_count
-from cope_jax.models.qwen2.modeling import REMAT_POLICIES
+from cope_jax.models.siglip.modeling import set_remat
+from cope_jax.models.common import REMAT_POLICIES
 from cope_jax.training import core, instruct, loop, pretrain
 from cope_jax.training.loop import log
 from data_pipeline import codec
@@ -364,6 +365,7 @@ class Stage:
         if config.run_pretrain:
             run_stage1(config, workdir, self.data_dir)
         model, self.tokenizer, self.delta_info = build_model(config, workdir, self.mesh, rules, compute)
+        set_remat(model, config.remat)  # the tower and the Δ-encoder; the LLM's is a loss_sums argument
         self.model_config = model.config
         preprocessing = instruct.data_settings(self.data_dir)
         if preprocessing["size"] != model.config.vision.image_size:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from cope_jax.models.common import RMSNorm, linear, resolve_dtype
+from cope_jax.models.common import RMSNorm, layer_runner, linear, resolve_dtype
 from cope_jax.models.qwen2.attention import DEFAULT_BLOCK, causal_attention, check_implementation
 from cope_jax.sharding import initializer
 
@@ -172,11 +172,6 @@ def set_attention(model: nnx.Module, implementation: str, *, block_q: int = DEFA
         layer.implementation, layer.block_q, layer.block_k = implementation, block_q, block_k
 
 
-# Activation rematerialisation per decoder layer (jax.checkpoint policies).
-REMAT_POLICIES = {"none": None, "layer": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
 def _positions_from_mask(attention_mask: jax.Array, start: jax.Array) -> jax.Array:
     """RoPE positions for left-padded rows: count of real tokens before each token (HF generate)."""
     return start[:, None] + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
@@ -216,23 +211,17 @@ class Qwen2ForCausalLM(nnx.Module):
 
         No mask means no left padding, which keeps the attention plain causal (cuDNN-eligible);
         right padding needs no mask either, since causality already hides it from real tokens.
-        `remat` ("none", "layer", "dots"; REMAT_POLICIES) recomputes each layer's activations in
+        `remat` ("none", "layer", "dots"; common.REMAT_POLICIES) recomputes each layer's activations in
         the backward pass instead of keeping them: all of them, or all but the matmul outputs."""
         b, t, _ = inputs_embeds.shape
         key_valid = None if attention_mask is None else attention_mask.astype(bool)
         positions = _positions_from_mask(jnp.ones((b, t), bool) if key_valid is None else key_valid,
                                          jnp.zeros((b,), jnp.int32))
 
-        def run_layer(layer, x):
-            return layer(x, positions, key_valid=key_valid)[0]
-
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
-        if remat != "none":
-            run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[remat])
+        run = layer_runner(remat, lambda layer, h: layer(h, positions, key_valid=key_valid)[0])
         x = inputs_embeds.astype(self.dtype)
         for layer in self.model.layers:
-            x = run_layer(layer, x)
+            x = run(layer, x)
         return self.model.norm(x)
 
     def forward_cached(self, inputs_embeds: jax.Array, attention_mask: jax.Array, cache: KVCache, *,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cope_jax.models.common import layer_norm, linear, resolve_dtype
+from cope_jax.models.common import REMAT_POLICIES, layer_norm, layer_runner, linear, resolve_dtype
 from cope_jax.sharding import initializer
 
 
@@ -119,11 +119,24 @@ class SiglipEncoder(nnx.Module):
     def __init__(self, config: SiglipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.layers = nnx.List([SiglipEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
+        # Activation remat per layer when trained (`set_remat`); not in the config, so checkpoints never store it.
+        self.remat = "none"
 
     def __call__(self, x):
+        run = layer_runner(self.remat)
         for layer in self.layers:
-            x = layer(x)
+            x = run(layer, x)
         return x
+
+
+def set_remat(model: nnx.Module, remat: str) -> None:
+    """Per-layer activation remat ("none", "layer", "dots") for every SigLIP-style encoder inside
+    `model`: the vision tower and the Δ-encoder's query transformers. Static: jit recompiles."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, SiglipEncoder):
+            module.remat = remat
 
 
 class SiglipVisionModel(nnx.Module):

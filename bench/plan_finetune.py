@@ -104,6 +104,7 @@ from configs import finetune as finetune_configs  # noqa: E402
 from cope_jax import sharding  # noqa: E402
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM  # noqa: E402
 from cope_jax.models.qwen2.modeling import set_attention  # noqa: E402
+from cope_jax.models.siglip.modeling import set_remat  # noqa: E402
 from cope_jax.training import core, finetune  # noqa: E402
 
 
@@ -138,6 +139,7 @@ def abstract_model(model_config: CoPEConfig, config, attention: str | None = Non
                                                rngs=nnx.Rngs(0)))
     if attention:
         set_attention(model, attention)
+    set_remat(model, config.remat)  # the tower and the Δ-encoder, as finetune.Stage does
     return finetune.split_trainable(model, config)
 
 

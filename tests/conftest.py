@@ -28,3 +28,25 @@ def assert_close(actual, expected, *, rtol_to_scale: float, what: str = "") -> N
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def killed_run_script(stage: str) -> str:
+    """A `python -c` script: runs configs/<stage>.py:tiny with the overrides in argv[1] (a dict
+    literal) in the workdir argv[2], and dies by SIGKILL right after step 4's checkpoint commits."""
+    return f"""
+import os, signal, sys
+from configs import {stage} as configs
+from cope_jax.training import core, {stage} as stage
+save = core.Checkpoints.save
+def save_then_die(self, step, *args, **kwargs):
+    saved = save(self, step, *args, **kwargs)
+    if step == 4:
+        self.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return saved
+core.Checkpoints.save = save_then_die
+config = configs.get_config("tiny")
+for key, value in eval(sys.argv[1]).items():
+    config[key] = value
+stage.train(config, sys.argv[2])
+"""

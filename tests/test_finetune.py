@@ -1,7 +1,6 @@
 """Stage 2: data (masks, budgets, mixtures, bad rows), optimisation (frozen, per-group rates),
 sharding (8 devices = 1), exact resume after kill -9, and the exported checkpoint answering."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -17,10 +16,11 @@ from configs import finetune as finetune_configs
 from cope_jax.errors import ConfigError
 from cope_jax.inference.stream import VideoSettings
 from cope_jax.tokenizer import chatml_tokenizer
+from conftest import killed_run_script
 from cope_jax.training import finetune, instruct
 from cope_jax.training import core as training
 from cope_jax.training import metrics
-from data_pipeline import codec, preprocess
+from data_pipeline import preprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -58,9 +58,7 @@ def on_demo(demo, **overrides):
 
 
 def settings_of(data_dir, **switches):
-    manifest = instruct.data_settings(data_dir)
-    fields = {f.name for f in dataclasses.fields(codec.Settings)}
-    return VideoSettings(preprocessing=codec.Settings(**{k: v for k, v in manifest.items() if k in fields}), **switches)
+    return VideoSettings(preprocessing=instruct.preprocessing_settings(data_dir), **switches)
 
 
 def source_of(rows, data_dir, max_seq_len=512, **switches):
@@ -256,23 +254,7 @@ def test_gradient_accumulation_equals_one_big_batch(demo, tmp_path):
 # ---------------------------------------------------------------------------- runs
 
 
-KILL_AT_STEP_4 = """
-import os, signal, sys
-from configs import finetune as configs
-from cope_jax.training import core, finetune
-save = core.Checkpoints.save
-def save_then_die(self, step, *args, **kwargs):
-    saved = save(self, step, *args, **kwargs)
-    if step == 4:
-        self.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return saved
-core.Checkpoints.save = save_then_die
-config = configs.get_config("tiny")
-for key, value in eval(sys.argv[1]).items():
-    config[key] = value
-finetune.train(config, sys.argv[2])
-"""
+KILL_AT_STEP_4 = killed_run_script("finetune")
 
 
 def _losses(workdir):

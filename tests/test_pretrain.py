@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import killed_run_script
 from configs import pretrain as pretrain_configs
 from cope_jax.training import core as training, metrics, pretrain
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, parameter_count
@@ -84,23 +85,7 @@ def test_tiny_model_overfits_one_batch(data_dir, tmp_path):
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
-KILL_AT_STEP_4 = """
-import os, signal, sys
-from configs import pretrain as configs
-from cope_jax.training import core as training, pretrain
-save = training.Checkpoints.save
-def save_then_die(self, step, *args, **kwargs):
-    saved = save(self, step, *args, **kwargs)
-    if step == 4:
-        self.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return saved
-training.Checkpoints.save = save_then_die
-config = configs.get_config("tiny")
-for key, value in eval(sys.argv[1]).items():
-    config[key] = value
-pretrain.train(config, sys.argv[2])
-"""
+KILL_AT_STEP_4 = killed_run_script("pretrain")
 
 
 def _order(workdir):

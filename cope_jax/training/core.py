@@ -90,11 +90,11 @@ def optimizer_state_shardings(tx: optax.GradientTransformation, params, mesh):
     """The sharding of every optimizer-state leaf: a leaf whose tree path ends with a parameter's
     path and has its shape (Adam's mu and nu, inside any chain / mask / multi_transform) takes
     that parameter's sharding; anything else is replicated."""
-    by_path = {_path_key(path): (leaf.shape, leaf.sharding) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    by_path = {path_key(path): (leaf.shape, leaf.sharding) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def sharding_of(path, leaf):
-        key = _path_key(path)
+        key = path_key(path)
         for start in range(len(key)):
             match = by_path.get(key[start:])
             if match is not None and match[0] == leaf.shape:
@@ -104,7 +104,8 @@ def optimizer_state_shardings(tx: optax.GradientTransformation, params, mesh):
     return jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(tx.init, params))
 
 
-def _path_key(path) -> tuple:
+def path_key(path) -> tuple:
+    """A jax tree path as strings (dict keys, attribute names, sequence indices)."""
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 

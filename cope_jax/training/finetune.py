@@ -32,7 +32,6 @@ from cope_jax.models.siglip.modeling import set_remat
 from cope_jax.models.common import REMAT_POLICIES
 from cope_jax.training import core, instruct, loop, pretrain
 from cope_jax.training.loop import log
-from data_pipeline import codec
 
 MODEL_DIR = "model"
 SKIPPED_FILE = "skipped.jsonl"
@@ -195,7 +194,7 @@ def learning_rate_groups(params, config) -> tuple[dict, object]:
     groups = {"default": float(config.learning_rate)}
 
     def label(path, _):
-        name = path_name(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+        name = "/".join(core.path_key(path))
         for i, (pattern, rate) in enumerate(patterns):
             if pattern.search(name):
                 groups[f"group{i}:{pattern.pattern}"] = rate
@@ -372,7 +371,7 @@ class Stage:
             raise ConfigError(f"{self.data_dir}: frames are {preprocessing['size']} px, the vision tower takes "
                               f"{model.config.vision.image_size} px (preprocess with --size {model.config.vision.image_size})")
         self.settings = VideoSettings(
-            preprocessing=codec.Settings(**{k: v for k, v in preprocessing.items() if k in _SETTINGS_FIELDS}),
+            preprocessing=instruct.preprocessing_settings(self.data_dir),
             keyframes_per_gop=config.keyframes_per_gop, max_gops=config.max_gops, time_instruction=config.time_instruction)
         try:
             self.settings.check()
@@ -450,9 +449,6 @@ class Stage:
         return result
 
 
-_SETTINGS_FIELDS = {f.name for f in dataclasses.fields(codec.Settings)}
-
-
 def _agreed_max(lengths: np.ndarray) -> int:
     """The longest sequence of the global batch: every process pads to the same bucket."""
     longest = int(np.max(lengths))
@@ -486,16 +482,10 @@ def export(model: CoPEVideoLM, tokenizer, settings: VideoSettings, delta_info: d
 # ---------------------------------------------------------------------------- demo accuracy
 
 
-def first_letter(answer: str, letters: str = DEMO_ANSWERS) -> str | None:
-    """The option letter an answer starts with ("B", "B.", "(B) right", "Answer: B"), else None."""
-    match = re.match(r"\s*(?:answer\s*(?:is)?\s*[:：]?\s*)?\(?([A-Z])(?:[.):\s]|$)", answer, re.IGNORECASE)
-    letter = match.group(1).upper() if match else None
-    return letter if letter and letter in letters else None
-
-
 def demo_accuracy(model: CoPEVideoLM, tokenizer, settings: VideoSettings, eval_file: str, data_dir: str,
                   modes, max_questions: int = 0) -> dict:
     """Held-out multiple-choice accuracy per delta mode, through the inference path users run."""
+    from cope_jax import evaluate
     from cope_jax.inference import VideoChat, video_from_records
     from cope_jax.inference.generation import SamplingConfig
 
@@ -510,7 +500,7 @@ def demo_accuracy(model: CoPEVideoLM, tokenizer, settings: VideoSettings, eval_f
                              sampling=SamplingConfig(max_new_tokens=3))
             question = instruct.conversation_turns(row)[0][1]
             answer = "".join(chat.ask(question))
-            correct += first_letter(answer) == row["conversations"][1]["value"].strip()[:1]
+            correct += evaluate.answer_letter(answer, DEMO_ANSWERS) == row["conversations"][1]["value"].strip()[:1]
             tokens = chat.last.visual_tokens
         result[f"accuracy_{mode}"] = correct / max(len(rows), 1)
         result[f"visual_tokens_{mode}"] = tokens

@@ -25,7 +25,7 @@ import numpy as np
 from cope_jax.errors import ConfigError, UserError
 from cope_jax.inference import prompt
 from cope_jax.inference.stream import Video, VideoSettings, plan_video, video_batch
-from data_pipeline import records
+from data_pipeline import codec, records
 
 
 class AnnotationError(UserError):
@@ -171,6 +171,15 @@ def data_settings(data_dir: str) -> dict:
         raise records.RecordError(f"{data_dir}: no manifest.json (not a finished preprocessing output)") from None
     except (ValueError, KeyError) as e:
         raise records.RecordError(f"{path}: unreadable ({e})") from None
+
+
+def preprocessing_settings(data_dir: str) -> codec.Settings:
+    """The codec.Settings a preprocessing output was made with (its manifest's settings)."""
+    manifest = data_settings(data_dir)
+    return codec.Settings(**{k: v for k, v in manifest.items() if k in _SETTINGS_FIELDS})
+
+
+_SETTINGS_FIELDS = {f.name for f in dataclasses.fields(codec.Settings)}
 
 
 class InstructSource(grain.RandomAccessDataSource):

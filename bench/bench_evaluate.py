@@ -1,11 +1,12 @@
-"""Evaluation throughput: questions per second with and without the shared video prefix.
+"""Evaluation throughput: questions per second with and without the shared video prefix and batching.
 
     .venv/bin/python bench/bench_evaluate.py                  # ~3 minutes on 2 cores
     .venv/bin/python bench/bench_evaluate.py --videos 2 --questions-per-video 8
 
 `cope_jax.evaluate` reads each video once and prefills its shared prefix (system prompt, visual
 stream, time instruction) once; every question on it then prefills only its own words. Without
-sharing, each question prefills its whole prompt. Both runs answer the same questions with the same
+sharing, each question prefills its whole prompt. With batching (the default), a video's questions
+also prefill their own words and decode together. All three runs answer the same questions with the same
 model (the CPU model of bench_ttft.py: SigLIP at full width with fewer layers, the paper's
 Δ-encoder with fewer layers, a Qwen2-0.5B-shaped LLM; random weights, fp32) after one warm-up run
 that compiles every shape, and the answers are checked to be identical.
@@ -43,10 +44,16 @@ def write_questions(path: str, videos: int, per_video: int) -> None:
                                     "options": ["left", "right", "up", "down"], "answer": "B"}) + "\n")
 
 
-def run(model, tokenizer, settings, questions, directory: str, output: str, share: bool, max_new_tokens: int) -> tuple[float, list]:
+MODES = {"batched": dict(share_prefix=True, batch_size=8), "shared": dict(share_prefix=True, batch_size=1),
+         "alone": dict(share_prefix=False, batch_size=1)}
+LABELS = {"batched": "shared per video, questions batched (`cope_jax.evaluate`)",
+          "shared": "shared per video, one question at a time (`--batch-size 1`)", "alone": "whole prompt per question"}
+
+
+def run(model, tokenizer, settings, questions, directory: str, output: str, mode: str, max_new_tokens: int) -> tuple[float, list]:
     started = time.perf_counter()
     evaluate.evaluate(model, tokenizer, settings, questions, directory, output, max_new_tokens=max_new_tokens,
-                      progress=False, share_prefix=share)
+                      progress=False, **MODES[mode])
     seconds = time.perf_counter() - started
     predictions = [json.loads(line) for line in open(os.path.join(output, evaluate.PREDICTIONS))]
     return seconds, sorted((p["id"], p["prediction"]) for p in predictions)
@@ -74,24 +81,24 @@ def main(argv=None) -> None:
         write_questions(os.path.join(work, "q.jsonl"), args.videos, args.questions_per_video)
         questions, _ = evaluate.read_questions(os.path.join(work, "q.jsonl"))
         results = {}
-        for share in (True, False):  # warm-up: compiles every shape both paths use
+        for mode in MODES:  # warm-up: compiles every shape each path uses
             run(model, tokenizer, settings, questions[: args.questions_per_video], work,
-                os.path.join(work, f"warm-{share}"), share, args.max_new_tokens)
-        for share in (True, False):
-            results[share] = run(model, tokenizer, settings, questions, work, os.path.join(work, f"out-{share}"), share,
-                                 args.max_new_tokens)
-        assert results[True][1] == results[False][1], "shared-prefix answers differ from answers computed alone"
-        visual = json.load(open(os.path.join(work, "out-True", evaluate.RESULTS)))["mean_visual_tokens"]
+                os.path.join(work, f"warm-{mode}"), mode, args.max_new_tokens)
+        for mode in MODES:
+            results[mode] = run(model, tokenizer, settings, questions, work, os.path.join(work, f"out-{mode}"), mode,
+                                args.max_new_tokens)
+        assert results["batched"][1] == results["shared"][1] == results["alone"][1], "answers differ between modes"
+        visual = json.load(open(os.path.join(work, "out-batched", evaluate.RESULTS)))["mean_visual_tokens"]
     n = len(questions)
     print(f"machine: {machine()}")
     print(f"model: reduced CoPE (SigLIP 1152 wide x {args.vision_layers} layers, Δ-encoder depth {args.delta_depth}, "
           f"Qwen2-0.5B shapes x {args.llm_layers} layers), fp32; {args.videos} videos x {args.questions_per_video} questions, "
           f"{visual:.0f} visual tokens per video ({args.keyframes_per_gop} keyframes per GOP), {args.max_new_tokens} new tokens")
-    print("| prefill | seconds | questions/s |\n|---|---|---|")
-    for share, label in ((True, "shared per video"), (False, "whole prompt per question")):
-        print(f"| {label} | {results[share][0]:.1f} | {n / results[share][0]:.3f} |")
-    print(f"speed-up {results[False][0] / results[True][0]:.2f}x; answers identical")
-
+    print(f"| prefill | seconds ({n} questions) | questions/s |\n|---|---|---|")
+    for mode in MODES:
+        print(f"| {LABELS[mode]} | {results[mode][0]:.1f} | {n / results[mode][0]:.3f} |")
+    print(f"speed-up over whole prompts: shared {results['alone'][0] / results['shared'][0]:.2f}x, "
+          f"batched {results['alone'][0] / results['batched'][0]:.2f}x; answers identical")
 
 if __name__ == "__main__":
     main()

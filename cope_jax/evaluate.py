@@ -12,8 +12,8 @@ Multiple choice is asked as lmms-eval's PerceptionTest task asks it (the options
 option letter standing alone in the answer; open-ended answers score by normalised exact match.
 
 Each video is read once (from --records when it is preprocessed there, else from its file) and
-its shared prefix (system prompt, visual stream, time instruction) is prefilled once; every
-question on it continues from that KV cache. <output>/predictions.jsonl gets one line per
+its shared prefix (system prompt, visual stream, time instruction) is prefilled once; its questions
+then continue from that KV cache, up to --batch-size of them prefilled and decoded together. <output>/predictions.jsonl gets one line per
 question as it is answered (prediction, correct, visual tokens, TTFT), so a rerun skips what is
 done; <output>/results.json holds the summary. Bad rows and videos that fail to read are listed
 in predictions.jsonl with their reason, counted, and never stop the run.
@@ -167,9 +167,11 @@ def _check_settings(output: str, described: dict) -> None:
 
 def evaluate(model, tokenizer, settings, questions: list[Question], videos: str, output: str, *, records_dir: str = "",
              max_new_tokens: int = 32, problems: list[dict] = (), checkpoint: str = "", progress: bool = True,
-             share_prefix: bool = True) -> dict:
+             share_prefix: bool = True, batch_size: int = 8) -> dict:
     """Answers every question not already in <output>/predictions.jsonl, then writes results.json.
-    `share_prefix=False` prefills every question's whole prompt afresh (for comparison)."""
+    Up to `batch_size` questions on one video decode together after its shared prefix (greedy
+    answers do not depend on it). `share_prefix=False` prefills every question's whole prompt afresh,
+    one at a time (for comparison)."""
     from tqdm import tqdm
 
     from cope_jax.inference import VideoChat
@@ -208,12 +210,16 @@ def evaluate(model, tokenizer, settings, questions: list[Question], videos: str,
                 failure = None
             except UserError as e:
                 failure = str(e)
-            for question in group:
-                entry = _failed(question, failure) if failure else _answer(base.fork(), question)
-                entries.append(entry)
-                log_file.write(json.dumps(entry) + "\n")
+            if failure or not share_prefix or batch_size == 1:
+                answered = ([_failed(q, failure)] if failure else [_answer(base.fork(), q)] for q in group)
+            else:
+                answered = (_answer_batch(base, group[i: i + batch_size]) for i in range(0, len(group), batch_size))
+            for chunk in answered:
+                for entry in chunk:
+                    entries.append(entry)
+                    log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
-                bar.update(1)
+                bar.update(len(chunk))
                 bar.set_postfix_str(_running(entries))
     results = summarise(entries)
     with open(os.path.join(output, RESULTS), "w") as f:
@@ -222,8 +228,15 @@ def evaluate(model, tokenizer, settings, questions: list[Question], videos: str,
 
 
 def _answer(chat, question: Question) -> dict:
-    prediction = "".join(chat.ask(prompt_text(question)))
-    stats = chat.last
+    return _entry(question, "".join(chat.ask(prompt_text(question))), chat.last)
+
+
+def _answer_batch(chat, questions: list[Question]) -> list[dict]:
+    answers = chat.ask_many([prompt_text(q) for q in questions])
+    return [_entry(q, prediction, stats) for q, (prediction, stats) in zip(questions, answers)]
+
+
+def _entry(question: Question, prediction: str, stats) -> dict:
     return {"id": question.id, "video": question.video, "prediction": prediction, "answer": question.answer,
             "correct": is_correct(question, prediction), "visual_tokens": stats.visual_tokens,
             "prompt_tokens": stats.prompt_tokens, "ttft_s": round(stats.ttft_s, 4)}
@@ -366,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="predictions.jsonl, results.json and settings.json go here; a rerun resumes")
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions on one video answered together after its shared "
+                        "prefix (default %(default)s; 1: one at a time; greedy answers are the same)")
     cli.add_switch_arguments(parser)
     parser.add_argument("--sweep", default="", help='ablation grid: "paper" (keyframes per GOP 1/2/4, zero, keyframes_only, '
                         'fusion 15/10, dense 64) or settings like "keyframes_per_gop=1;delta_mode=zero;fusion=15" -> '
@@ -376,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.limit < 0 or args.max_new_tokens < 1:
-            raise UserError("--limit must be >= 0 and --max-new-tokens >= 1")
+        if args.limit < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
+            raise UserError("--limit must be >= 0, --max-new-tokens >= 1 and --batch-size >= 1")
         sweep = parse_sweep(args.sweep) if args.sweep else None
         questions, problems = read_questions(args.questions)
         if args.limit:
@@ -390,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, settings = inference.load(args.checkpoint, **cli.switches_from_args(args))
         started = time.perf_counter()
         common = dict(records_dir=os.path.expanduser(args.records), max_new_tokens=args.max_new_tokens, problems=problems,
+                      batch_size=args.batch_size,
                       checkpoint=os.path.abspath(os.path.expanduser(args.checkpoint)))
         if sweep:
             for setting in sweep:  # every setting checked before the first one runs

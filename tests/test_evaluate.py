@@ -82,6 +82,24 @@ def test_shared_prefix_answers_equal_answers_computed_alone(loaded, videos, tmp_
     assert json.load(open(tmp_path / "out" / "results.json")) == results
 
 
+def test_batched_answers_equal_answers_one_at_a_time(loaded, videos):
+    model, tokenizer, settings = loaded
+    chat = inference.VideoChat(model, tokenizer, settings, sampling=SamplingConfig(max_new_tokens=8),
+                               video=lambda: inference.video_from_file(os.path.join(videos, "bikes.mp4"), settings.preprocessing))
+    chat.prefill_video()
+    prefix_ids = list(chat.ids)
+    questions = ["Why?", "What colour is the second bike from the left, and is it moving?", "Count the riders.",
+                 "Describe the scene in one short sentence, please.", "Is it day or night?"]  # 5 rows -> 8 with filler
+    batched = chat.ask_many(questions)
+    assert chat.ids == prefix_ids and not chat.turns  # the shared prefix is untouched
+    for question, (text, stats) in zip(questions, batched):
+        alone = chat.fork()
+        assert "".join(alone.ask(question)) == text
+        assert stats.answer_ids == alone.last.answer_ids and len(stats.answer_ids) > 0
+        assert (stats.prompt_tokens, stats.visual_tokens) == (alone.last.prompt_tokens, alone.last.visual_tokens)
+        assert 0 < stats.ttft_s <= stats.e2el_s
+
+
 def test_a_rerun_resumes_and_other_settings_are_refused(loaded, videos, tmp_path):
     model, tokenizer, settings = loaded
     write_questions(tmp_path / "q.jsonl")

@@ -108,6 +108,13 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
                    key_valid=pad(cache.key_valid), next_position=cache.next_position, end=cache.end)
 
 
+def broadcast_cache(cache: KVCache, batch: int) -> KVCache:
+    """A one-row cache repeated into `batch` rows (questions that share a prefix)."""
+    rows = lambda x: jnp.repeat(x, batch, axis=0)  # noqa: E731
+    return KVCache(keys=[rows(k) for k in cache.keys], values=[rows(v) for v in cache.values],
+                   key_valid=rows(cache.key_valid), next_position=rows(cache.next_position), end=cache.end)
+
+
 def _ready(x):
     return jax.block_until_ready(x)
 
@@ -179,6 +186,71 @@ class VideoChat:
         other = copy.copy(self)
         other.ids, other.is_visual, other.turns = list(self.ids), list(self.is_visual), list(self.turns)
         return other
+
+    def ask_many(self, questions: list[str]) -> list[tuple[str, TurnStats]]:
+        """After `prefill_video`: answers several first questions at once -> [(answer, stats)].
+
+        The prefix cache is broadcast to one row per question, the questions' own words are
+        prefilled together (left-padded: pad slots are masked and take no RoPE position) and the
+        rows decode together, so B questions cost about one question's decode steps. Greedy answers
+        equal `fork().ask(question)` one at a time. Each row's `ttft_s` is the batch's first token;
+        `e2el_s` runs to the row's own last token. This conversation's cache and ids are left as they were."""
+        if self.prefix is None or self.turns:
+            raise RuntimeError("ask_many() answers first questions after prefill_video()")
+        started = time.perf_counter()
+        results: list[tuple[str, TurnStats] | None] = [None] * len(questions)
+        rows = []  # (index, ids after the prefix, whole prompt length)
+        for i, question in enumerate(questions):
+            tokenized = self._first_prompt(question, self.prefix.encoded)
+            n = self.prefix.length
+            if tokenized.ids[:n].tolist() == self.ids[:n] and tokenized.is_visual[:n].tolist() == self.is_visual[:n]:
+                rows.append((i, tokenized.ids[n:].tolist(), len(tokenized)))
+            else:  # the prompt does not extend the prefix: answered alone, as ask() would
+                chat = self.fork()
+                results[i] = ("".join(chat.ask(question)), chat.last)
+        if rows:
+            ttft, answers = self._decode_batch([ids for _, ids, _ in rows], started)
+            for (i, _, prompt_tokens), (text, ids, e2el) in zip(rows, answers):
+                results[i] = (text, dataclasses.replace(
+                    self.prefix.encoded.stats, timings={}, prompt_tokens=prompt_tokens, generated_tokens=len(ids),
+                    ttft_s=ttft, e2el_s=e2el, answer_ids=[t for t in ids if t not in self.stop_ids]))
+        return results
+
+    def _decode_batch(self, continuations: list[list[int]], started: float) -> tuple[float, list[tuple[str, list[int], float]]]:
+        """Prefills left-padded continuations after the shared prefix and decodes every row greedily
+        (or by `sampling`) until each stopped -> (seconds to the first tokens, [(text, generated ids,
+        seconds to its last token)]).
+        Rows and widths are rounded up (powers of two, blocks of 16) so few shapes compile."""
+        real = len(continuations)
+        batch = 1 << (real - 1).bit_length()
+        width = round_up(max(map(len, continuations)), 16)
+        rows = continuations + [continuations[0]] * (batch - real)  # filler rows, discarded
+        ids = np.zeros((batch, width), np.int32)
+        mask = np.zeros((batch, width), bool)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):], mask[r, width - len(row):] = row, True
+        cache = broadcast_cache(self.cache, batch)
+        cache = grow_cache(cache, round_up(int(cache.end) + width + self.sampling.max_new_tokens, CACHE_BLOCK))
+        embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(ids))
+        token, cache = prefill(self.lm_graphdef, self.lm_state, embeds, jnp.asarray(mask), cache, self.sampling,
+                               self._next_rng(), False, False)
+        generated = [[t] for t in np.asarray(token)[:real].tolist()]
+        first = time.perf_counter()
+        finished = [first if g[-1] in self.stop_ids else None for g in generated]  # when each row stopped
+        for _ in range(self.sampling.max_new_tokens - 1):
+            if all(f is not None for f in finished):
+                break
+            token, cache = decode_step(self.lm_graphdef, self.lm_state, token, cache, self.sampling, self._next_rng())
+            now = time.perf_counter()
+            for r, t in enumerate(np.asarray(token)[:real].tolist()):
+                if finished[r] is None:
+                    generated[r].append(t)
+                    if t in self.stop_ids:
+                        finished[r] = now
+        end = time.perf_counter()
+        answers = [(self._decode_text(g, complete=True), g, (end if f is None else f) - started)
+                   for g, f in zip(generated, finished)]
+        return first - started, answers
 
     def ask(self, question: str) -> Iterator[str]:
         """Streams the answer's text; `self.last` holds the turn's TurnStats once the answer ends

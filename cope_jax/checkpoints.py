@@ -45,10 +45,12 @@ def save(directory: str, module: nnx.Module, **info) -> None:
     # stages a host copy of the whole state before writing, doubling peak memory (BENCHMARKS.md).
     window_gb = max(_largest_array_bytes(state), 2**28) / 1e9
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=window_gb, save_device_host_concurrent_gb=window_gb)
+    # Every process of a multi-process run calls this: orbax writes each process's shards.
     ocp.Checkpointer(handler).save(os.path.join(directory, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
-    meta = {"kind": kind, "config": config_to_dict(module.config), "dtype": _dtype_of(module), **info}
-    with open(os.path.join(directory, MODEL_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+    if jax.process_index() == 0:
+        meta = {"kind": kind, "config": config_to_dict(module.config), "dtype": _dtype_of(module), **info}
+        with open(os.path.join(directory, MODEL_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
 
 
 def read_meta(directory: str) -> dict:
@@ -77,7 +79,7 @@ def load(directory: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtype=None,
     abstract = nnx.eval_shape(lambda: module_class(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract_state)
     else:
         shardings = sharding.state_shardings(abstract_state, mesh, rules)

@@ -21,7 +21,11 @@ Every mistyped field or bad value is reported at once, before anything runs.
 
 Rerunning with the same --workdir resumes from its latest committed checkpoint; SIGTERM saves and
 stops cleanly. The console shows progress and metrics (pass --verbosity=0 for library INFO logs).
-Multi-host runs pass --distributed, which calls jax.distributed.initialize() first (see launch/).
+Several processes (hosts, or several on one machine) form one run through jax.distributed
+(launch/README.md): `bash launch/local.sh 2 --config=... --workdir DIR` here;
+--coordinator_address/--num_processes/--process_id by hand; --distributed under SLURM's srun or on
+a TPU VM pod. Processes that disagree (config, devices, data) stop with one line naming the
+difference; a dead peer or a hung collective stops the others (--heartbeat_timeout, --watchdog).
 """
 
 from __future__ import annotations
@@ -45,7 +49,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints/, ten
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "print_config"],
                           "train (and evaluate); eval: only evaluate the latest checkpoint; print_config: print the "
                           "resolved config and exit")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host; see launch/)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "join a multi-process run whose processes are described by the "
+                                  "environment: SLURM (srun) or a TPU VM pod (see launch/README.md)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, reachable from every process "
+                                   "(with --num_processes and --process_id)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes form the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's number, 0..num_processes-1")
+_LOCAL_DEVICES = flags.DEFINE_string("local_device_ids", "", "the local accelerators this process uses: 'all' or "
+                                     "numbers like 0,1 (default: all; under SLURM with several tasks per node, the "
+                                     "one numbered SLURM_LOCALID)")
+_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 300, "seconds processes wait for each other at the start")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout", 100, "seconds of silence after which a process is "
+                                          "declared dead and the others stop")
+_WATCHDOG = flags.DEFINE_integer("watchdog", 1800, "multi-process runs stop when no training step finishes for this "
+                                 "many seconds after the first (a hung collective); 0: off")
 
 USAGE_EXIT_CODE = 2  # a bad command line or config: nothing ran
 _OVERRIDE = re.compile(r"^--?(no)?config\.([^=]*)(?:=(.*))?$", re.DOTALL)
@@ -270,16 +287,61 @@ def main(argv) -> None:
     _quiet_library_logs()
     import jax
 
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    from cope_jax import distributed
     from cope_jax.errors import UserError
 
     try:
-        run(_CONFIG.value, os.path.abspath(_WORKDIR.value), _MODE.value)
+        launch = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value,
+                                     detect=_DISTRIBUTED.value)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _usage_error(str(e))
+    workdir = os.path.abspath(_WORKDIR.value)
+    if launch is None:
+        try:
+            run(_CONFIG.value, workdir, _MODE.value)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        return
+    sys.exit(run_distributed(launch, workdir))
 
+
+def run_distributed(launch, workdir: str) -> int:
+    """One process of a multi-process run. Every failure ends the process with os._exit: the normal
+    exit would wait in jax.distributed's shutdown barrier for peers that may never come."""
+    import jax
+
+    from cope_jax import distributed
+    from cope_jax.errors import UserError
+
+    who = "this process"
+    try:
+        distributed.initialize(launch, _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
+        who = f"process {jax.process_index()}/{jax.process_count()}"
+        if jax.process_index() == 0:
+            print(f"{jax.process_count()} processes, {jax.device_count()} devices ({jax.local_device_count()} here); "
+                  f"{launch.describe()}", flush=True)
+        distributed.agree("command", {"config": _CONFIG.value.to_dict(), "mode": _MODE.value, "workdir": workdir,
+                                      "local_devices": jax.local_device_count(), "platform": jax.default_backend(),
+                                      "jax": jax.__version__}, timeout_s=_INIT_TIMEOUT.value)
+        distributed.start_watchdog(_WATCHDOG.value, who)
+        run(_CONFIG.value, workdir, _MODE.value)
+    except UserError as e:
+        return _exit_now(f"error: {who}: {e}")
+    except Exception as e:  # noqa: BLE001
+        if distributed.is_peer_failure(e):
+            return _exit_now(f"error: {who}: the collectives failed, most likely because another process died or "
+                             f"stopped (see its log): {distributed.first_line(e)}")
+        traceback.print_exc()
+        return _exit_now(f"error: {who}: {type(e).__name__}: {distributed.first_line(e)}")
+    jax.distributed.shutdown()
+    return 0
+
+
+def _exit_now(line: str) -> int:
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

@@ -89,6 +89,20 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.St
     )
 
 
+def put(tree, shardings):
+    """`jax.device_put(tree, shardings)` that also works in a multi-process run, where arrays every
+    process holds whole (loaded on a local device, or numpy) cannot be moved to other hosts: each
+    process fills its own shards of the global array from its local copy."""
+
+    def place(x, target):
+        if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, target)  # global -> global: XLA moves the shards
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
 def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
     """Initialises `factory()` with every weight born on its shard (no unsharded copy)."""
     abstract = nnx.eval_shape(factory)

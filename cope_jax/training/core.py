@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 import grain.python as grain
 import jax
@@ -125,17 +126,28 @@ class Checkpoints:
         if (step % self.every and not force) or step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                                  data=grain.PyGrainCheckpointSave(data_iterator))
+                                  data=grain.PyGrainCheckpointSave(data_iterator),
+                                  run=ocp.args.JsonSave({"process_count": jax.process_count()}))
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, params, opt_state, data_iterator):
-        """Restores `step` with the shapes, dtypes and shardings of the given (current) trees,
-        and moves `data_iterator` to the saved position."""
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params)),
-                                  opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                                  data=grain.PyGrainCheckpointRestore(data_iterator))
-        restored = self.manager.restore(step, args=args)
-        return restored["params"], restored["opt_state"]
+    def restore(self, step: int, params, opt_state, data_iterator) -> tuple[Any, Any, bool]:
+        """Restores `step` with the shapes, dtypes and shardings of the given (current) trees ->
+        (params, opt_state, whether `data_iterator` was moved to the saved position). The iterator
+        states are per process, so a checkpoint written by another number of processes leaves the
+        iterator alone: the caller starts the data at the step's global batch instead."""
+        same_processes = self.written_by(step) in (None, jax.process_count())
+        items = dict(params=ocp.args.StandardRestore(_abstract(params)),
+                     opt_state=ocp.args.StandardRestore(_abstract(opt_state)))
+        if same_processes:
+            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["params"], restored["opt_state"], same_processes
+
+    def written_by(self, step: int) -> int | None:
+        """How many processes wrote `step` (None: a checkpoint from before this was recorded)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "run")):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]["process_count"]
 
     def restore_params(self, step: int, params):
         """Only the parameters of `step` (what inference and checkpoint assembly need)."""
@@ -164,17 +176,32 @@ def wait_for_process_0(what: str) -> None:
 
 
 class StopRequest:
-    """SIGTERM (preemption, scancel) -> finish the step, save, exit cleanly."""
+    """SIGTERM (preemption, scancel) -> finish the step, save, exit cleanly.
+
+    Several processes get their SIGTERMs at different steps, and a process that stops alone leaves
+    the others waiting in a collective. There jax.distributed's preemption service takes the
+    signal and names one step at which every process stops together."""
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.multi_process = jax.process_count() > 1
+        if not self.multi_process:  # a Python handler would replace the preemption service's
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def stop_at(self, step: int) -> bool:
+        """Whether to save and stop after `step` (call after every step, on every process)."""
+        if self.multi_process:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self.multi_process:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class Throughput:
@@ -185,6 +212,8 @@ class Throughput:
         self.step, self.time = start_step, time.perf_counter()
 
     def update(self, step: int) -> dict:
+        if step == self.step:  # the window ended where the meter started: nothing to measure yet
+            return {}
         now = time.perf_counter()
         rate = (step - self.step) / max(now - self.time, 1e-9)
         self.step, self.time = step, now

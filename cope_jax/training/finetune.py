@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cope_jax import checkpoints, sharding
+from cope_jax import checkpoints, distributed, sharding
 from cope_jax.errors import ConfigError
 from cope_jax.inference.stream import VideoSettings
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
@@ -164,7 +164,7 @@ def _random_model(config, delta_path: str, mesh, rules, compute):
 def reshard(module: nnx.Module, mesh, rules) -> None:
     """Every array of `module` onto its shard (after parts were replaced from single-device loads)."""
     state = nnx.state(module)
-    nnx.update(module, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+    nnx.update(module, sharding.put(state, sharding.state_shardings(state, mesh, rules)))
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -465,14 +465,16 @@ def export(model: CoPEVideoLM, tokenizer, settings: VideoSettings, delta_info: d
     from cope_jax.convert import cope_checkpoint_info
 
     path = os.path.join(workdir, MODEL_DIR)
+    partial = f"{path}.partial"
     if jax.process_index() == 0:
-        partial = f"{path}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         tokenizer.save_pretrained(partial)
-        # Trained here either way; without stage 1 it started random (paper H.2), which the source says.
-        info = cope_checkpoint_info(model, delta_info or {"source": "random initialisation, trained in stage 2"}, settings)
-        checkpoints.save(partial, model, source=f"stage 2 fine-tuning ({workdir}, step {step})", step=step, **info)
+    core.wait_for_process_0("export directory")
+    # Trained here either way; without stage 1 it started random (paper H.2), which the source says.
+    info = cope_checkpoint_info(model, delta_info or {"source": "random initialisation, trained in stage 2"}, settings)
+    checkpoints.save(partial, model, source=f"stage 2 fine-tuning ({workdir}, step {step})", step=step, **info)
+    if jax.process_index() == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(partial, path)
     core.wait_for_process_0("exported model")
@@ -500,6 +502,7 @@ def demo_accuracy(model: CoPEVideoLM, tokenizer, settings: VideoSettings, eval_f
                              sampling=SamplingConfig(max_new_tokens=3))
             question = instruct.conversation_turns(row)[0][1]
             answer = "".join(chat.ask(question))
+            distributed.progress(f"held-out question {row.get('id', '')} ({mode})")
             correct += evaluate.answer_letter(answer, DEMO_ANSWERS) == row["conversations"][1]["value"].strip()[:1]
             tokens = chat.last.visual_tokens
         result[f"accuracy_{mode}"] = correct / max(len(rows), 1)

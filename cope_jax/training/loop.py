@@ -15,8 +15,10 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from cope_jax import distributed
 from cope_jax.errors import ConfigError
 from cope_jax.training import core, metrics
+from data_pipeline import loaders
 
 
 def log(message: str) -> None:
@@ -32,6 +34,7 @@ class Stage(Protocol):
     tx: Any
     schedule: Any
     loader: Any  # grain DataLoader; its iterator state is checkpointed
+    source: Any  # the loader's data source (its length is compared across processes)
 
     def describe(self) -> str: ...  # the run's opening log line
 
@@ -54,14 +57,22 @@ def train(stage: Stage) -> dict:
     """Runs (or resumes) `stage` to config.total_steps -> {"step", "loss_history", "params", ...}."""
     config, workdir = stage.config, stage.workdir
     log(stage.describe())
+    # Processes that see other data (another data_dir content, a stale copy) would train on
+    # mismatched batches without any error: compare what each one read.
+    distributed.agree("data", {"examples": len(stage.source)})
     opt_state = core.init_optimizer_state(stage.tx, stage.params, stage.mesh)
     iterator = iter(stage.loader)
     ckpt = open_checkpoints(config, workdir)
     step = 0
     if (latest := ckpt.latest_step()) is not None:
-        stage.params, opt_state = ckpt.restore(latest, stage.params, opt_state, iterator)
+        stage.params, opt_state, data_restored = ckpt.restore(latest, stage.params, opt_state, iterator)
         step = latest
         log(f"resumed from step {latest} ({ckpt.directory})")
+        if not data_restored:  # written by another number of processes: same global order, from here
+            loaders.start_at_batch(stage.loader, latest)
+            iterator = iter(stage.loader)
+            log(f"the checkpoint was written by {ckpt.written_by(latest)} processes: the data continues at global "
+                f"batch {latest}")
     writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0)
     order_log = open(data_order_path(workdir), "a") if config.get("record_data_order") else None
     stop = core.StopRequest()
@@ -75,6 +86,7 @@ def train(stage: Stage) -> dict:
             stage.params, opt_state, step_metrics = stage.step(stage.params, opt_state, local)
             window.append(step_metrics)  # device arrays: no host sync until the log line
             step += 1
+            distributed.progress(f"step {step}")
             if meter is None:  # throughput and ETA start after the first step, which compiles
                 jax.block_until_ready(step_metrics)
                 meter = core.Throughput(step, config.total_steps, config.batch_size)
@@ -84,7 +96,7 @@ def train(stage: Stage) -> dict:
             ckpt.save(step, stage.params, opt_state, iterator)
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
                 writer.write(step, {f"eval/{k}": v for k, v in stage.evaluate(stage.params).items()})
-            if stop.requested:
+            if stop.stop_at(step):
                 log(f"SIGTERM: saving step {step} and stopping")
                 ckpt.save(step, stage.params, opt_state, iterator, force=True)
                 break
@@ -118,9 +130,10 @@ def _log_window(stage: Stage, writer: metrics.MetricWriter, step: int, window: l
     values["learning_rate"] = float(stage.schedule(step))
     values.update(meter.update(step))
     writer.write(step, {f"train/{k}": v for k, v in values.items()})
+    speed = (f"  {values['steps_per_second']:.2f} steps/s  {values['examples_per_second']:.1f} examples/s  "
+             f"ETA {core.format_eta(values['eta_seconds'])}") if "steps_per_second" in values else ""
     log(f"step {step}/{stage.config.total_steps}  {stage.format_metrics(values)}  lr {values['learning_rate']:.2e}  "
-        f"grad_norm {values['grad_norm']:.3f}  {values['steps_per_second']:.2f} steps/s  "
-        f"{values['examples_per_second']:.1f} examples/s  ETA {core.format_eta(values['eta_seconds'])}")
+        f"grad_norm {values['grad_norm']:.3f}{speed}")
     return values["loss"]
 
 

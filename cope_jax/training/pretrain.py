@@ -248,7 +248,7 @@ def load_delta_encoder(path: str) -> tuple[DeltaEncoder, dict]:
         raise ConfigError(f"{path}: no committed checkpoint under checkpoints/ (has stage 1 saved yet?)")
     model = nnx.eval_shape(lambda: DeltaPretrainer(delta_config(config), rngs=nnx.Rngs(0)))
     graph, params, rest = nnx.split(model, nnx.Param, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params)
     rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest)  # BatchNorm statistics: replaced below
     try:

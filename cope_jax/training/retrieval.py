@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from cope_jax import distributed
+
 KS = (1, 2, 5)
 
 
@@ -43,6 +45,7 @@ def next_frame_retrieval(videos, siglip_tokens: Callable, predict_tokens: Callab
         predicted = np.asarray(predict_tokens(tokens[steps - 1], record["mv"][steps], record["residual"][steps]))
         baseline.append(ranks(tokens[steps - 1], tokens, steps, steps - 1))
         ours.append(ranks(predicted, tokens, steps, steps - 1))
+        distributed.progress(f"retrieval over video {index}")
     if not baseline:
         return {"queries": 0}
     baseline, ours = np.concatenate(baseline), np.concatenate(ours)

@@ -240,6 +240,9 @@ class Watchdog:
     def progress(self, label: str) -> None:
         self.last, self.label = time.monotonic(), label
 
+    def disarm(self) -> None:
+        self.last = None
+
     def _watch(self) -> None:
         while True:
             time.sleep(self.poll_s)
@@ -260,6 +263,13 @@ def progress(label: str) -> None:
     """Training (or evaluation) advanced: called after every step."""
     if _watchdog is not None:
         _watchdog.progress(label)
+
+
+def new_phase() -> None:
+    """A phase whose first step compiles (a stage starting, the final evaluation) begins: the
+    watchdog waits for its first progress again."""
+    if _watchdog is not None:
+        _watchdog.disarm()
 
 
 # ---------------------------------------------------------------------------- failing

@@ -4,8 +4,7 @@
 (rgb[t-1], mv[t], residual[t], rgb[t]). Its index is built from manifest.json alone (a step t is a
 GOP start iff t * fusion is a multiple of gop), so no record is read until it is used.
 `pair_loader` shuffles globally with the seed, gives every JAX process its slice of each global
-batch, and batches; its
-iterator state is what training checkpoints store next to the model.
+batch, and batches; batch n is a function of n alone, so training resumes at batch = step.
 """
 
 from __future__ import annotations
@@ -30,6 +29,12 @@ class PairSource(grain.RandomAccessDataSource):
         with open(manifest_path) as f:
             manifest = json.load(f)
         self.settings = manifest["settings"]  # what preprocess wrote: size, fps, gop, fusion, ...
+        listed, on_disk = {s["name"] for s in manifest["shards"]}, {os.path.basename(p) for p in self.records.paths}
+        if listed != on_disk:  # record indices below would shift silently
+            raise records.RecordError(
+                f"{manifest_path}: lists {len(listed)} shards but {len(on_disk)} are on disk (tasks of a split run that "
+                "finished together, or still running); when all are done, rerun the preprocessing command once "
+                "(finished shards are skipped) to rewrite the manifest")
         gop, fusion = self.settings["gop"], self.settings["fusion"]
         offsets, total = {}, 0
         for path in self.records.paths:  # records.open's order: sorted shards, records in write order
@@ -90,7 +95,7 @@ class GlobalBatchSampler:
         shuffled = self._shuffled[self.global_index(index)]
         return grain.RecordMetadata(index=index, record_key=shuffled.record_key, rng=shuffled.rng)
 
-    def __repr__(self) -> str:  # grain refuses to restore an iterator state saved with another repr
+    def __repr__(self) -> str:
         return (f"GlobalBatchSampler({self._shuffled!r}, global_batch={self.global_batch}, "
                 f"process {self.process_index} of {self.process_count})")
 

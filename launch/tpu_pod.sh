@@ -51,9 +51,10 @@ git -C \"\$REPO\" pull -q --ff-only origin \"\$BRANCH\"; else git clone -q -b \"
 echo \"\$(hostname): setup done\""
 fi
 
-# A run that was interrupted (Ctrl-C here does not always stop the workers) keeps the TPU: stop it,
-# then remove libtpu's lockfile. The pattern's [c] keeps pkill from matching this very command.
-on_all_workers "if pkill -f '[c]ope_jax[.]main'; then sleep 5; fi; sudo rm -f /tmp/libtpu_lockfile"
+# A run that was interrupted (Ctrl-C here does not always stop the workers) keeps the TPU: stop it
+# (TERM first: jax's preemption service may save a checkpoint; KILL after 60 s), then remove
+# libtpu's lockfile. The pattern's [c] keeps pkill from matching this very command.
+on_all_workers "if pkill -f '[c]ope_jax[.]main'; then for i in \$(seq 60); do pgrep -f '[c]ope_jax[.]main' >/dev/null || break; sleep 1; done; pkill -KILL -f '[c]ope_jax[.]main' || true; sleep 1; fi; sudo rm -f /tmp/libtpu_lockfile"
 
 main_args=""
 (( $# == 0 )) || main_args=$(printf '%q ' "$@")  # (printf with no arguments would give '')

@@ -80,7 +80,7 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_in_one(t
     for run in (resumed_two, resumed_one):
         assert run.returncode == 0, run.stderr[-3000:]
         assert "resumed from step 6" in run.stdout
-    assert "written by 2 processes: the data continues at global batch 6" in resumed_two.stdout
+    assert "the data continues at global batch 6 (the checkpoint was written by 2 processes)" in resumed_two.stdout
     assert {k: v for k, v in losses(resumed_two.stdout).items() if k[0] == 8} == \
         {k: v for k, v in losses(resumed_one.stdout).items() if k[0] == 8} != {}
     assert {s: e for s, e in data_order(two).items() if s >= 6} == {s: e for s, e in data_order(one).items() if s >= 6}

@@ -1,6 +1,6 @@
 """What both training stages share, and the stages themselves (docs/architecture.md §1, §5, §8).
 
-- `core`: mesh, optimizer, orbax checkpoints with the grain iterator state, SIGTERM, throughput;
+- `core`: mesh, optimizer, orbax checkpoints, SIGTERM, throughput;
 - `loop`: the one training loop; a stage supplies its model, data, loss and evaluators;
 - `metrics`: TensorBoard event files without TensorFlow;
 - `pretrain`: stage 1, Δ-encoder alignment (paper §3.3); `retrieval`: its next-frame evaluation;

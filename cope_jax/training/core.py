@@ -1,7 +1,8 @@
 """Pieces every training stage shares: mesh, optimizer, checkpoints, SIGTERM, throughput.
 
 Checkpoints are an orbax `CheckpointManager` under <workdir>/checkpoints holding `params`,
-`opt_state`, `step` and every process's grain iterator state (`data`). Saves are asynchronous and
+`opt_state`, `step` and the number of processes that wrote them (`run`); the data needs no state:
+resuming starts the loader at global batch = step (loaders.GlobalBatchSampler). Saves are asynchronous and
 bounded (keep-N); a restore takes the latest *committed* step and lands each array on the current
 mesh, so 8 devices -> 1 and back works.
 """
@@ -121,27 +122,22 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params, opt_state, data_iterator, *, force: bool = False) -> bool:
-        """Saves when `step` is due (or `force`); a step already saved is left as it is."""
+    def save(self, step: int, params, opt_state, *, force: bool = False) -> bool:
+        """Saves when `step` is due (or `force`); a step already saved is left as it is. No data
+        iterator state: the data position is a function of the step (loaders.GlobalBatchSampler),
+        which also holds when another number of processes or grain workers resumes."""
         if (step % self.every and not force) or step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                                  data=grain.PyGrainCheckpointSave(data_iterator),
                                   run=ocp.args.JsonSave({"process_count": jax.process_count()}))
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, params, opt_state, data_iterator) -> tuple[Any, Any, bool]:
-        """Restores `step` with the shapes, dtypes and shardings of the given (current) trees ->
-        (params, opt_state, whether `data_iterator` was moved to the saved position). The iterator
-        states are per process, so a checkpoint written by another number of processes leaves the
-        iterator alone: the caller starts the data at the step's global batch instead."""
-        same_processes = self.written_by(step) in (None, jax.process_count())
-        items = dict(params=ocp.args.StandardRestore(_abstract(params)),
-                     opt_state=ocp.args.StandardRestore(_abstract(opt_state)))
-        if same_processes:
-            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["params"], restored["opt_state"], same_processes
+    def restore(self, step: int, params, opt_state) -> tuple[Any, Any]:
+        """Restores `step` with the shapes, dtypes and shardings of the given (current) trees."""
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params)),
+                                  opt_state=ocp.args.StandardRestore(_abstract(opt_state)))
+        restored = self.manager.restore(step, args=args)
+        return restored["params"], restored["opt_state"]
 
     def written_by(self, step: int) -> int | None:
         """How many processes wrote `step` (None: a checkpoint from before this was recorded)."""

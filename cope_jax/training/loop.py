@@ -2,8 +2,9 @@
 
 A stage (`pretrain.Stage`, `finetune.Stage`) is built from a config and supplies only what is its
 own: the trainable parameters, the optimizer, the grain loader, a jitted step, an evaluation and
-what to do when the run ends. The loop owns resuming, checkpoints (parameters, optimizer state
-and the grain iterator position), SIGTERM, logged window means, TensorBoard and throughput.
+what to do when the run ends. The loop owns resuming (parameters and optimizer state from the
+checkpoint; the data from global batch = step), checkpoints, SIGTERM, logged window means,
+TensorBoard and throughput.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Stage(Protocol):
     params: Any  # the trainable parameters: what the optimizer updates and checkpoints hold
     tx: Any
     schedule: Any
-    loader: Any  # grain DataLoader; its iterator state is checkpointed
+    loader: Any  # grain DataLoader over a loaders.GlobalBatchSampler (resumes at batch = step)
     source: Any  # the loader's data source (its length is compared across processes)
 
     def describe(self) -> str: ...  # the run's opening log line
@@ -57,22 +58,23 @@ def train(stage: Stage) -> dict:
     """Runs (or resumes) `stage` to config.total_steps -> {"step", "loss_history", "params", ...}."""
     config, workdir = stage.config, stage.workdir
     log(stage.describe())
+    distributed.new_phase()
     # Processes that see other data (another data_dir content, a stale copy) would train on
     # mismatched batches without any error: compare what each one read.
     distributed.agree("data", {"examples": len(stage.source)})
     opt_state = core.init_optimizer_state(stage.tx, stage.params, stage.mesh)
-    iterator = iter(stage.loader)
     ckpt = open_checkpoints(config, workdir)
     step = 0
     if (latest := ckpt.latest_step()) is not None:
-        stage.params, opt_state, data_restored = ckpt.restore(latest, stage.params, opt_state, iterator)
+        stage.params, opt_state = ckpt.restore(latest, stage.params, opt_state)
         step = latest
-        log(f"resumed from step {latest} ({ckpt.directory})")
-        if not data_restored:  # written by another number of processes: same global order, from here
-            loaders.start_at_batch(stage.loader, latest)
-            iterator = iter(stage.loader)
-            log(f"the checkpoint was written by {ckpt.written_by(latest)} processes: the data continues at global "
-                f"batch {latest}")
+        writers = ckpt.written_by(latest)
+        log(f"resumed from step {latest} ({ckpt.directory}); the data continues at global batch {latest}"
+            + (f" (the checkpoint was written by {writers} processes)" if writers not in (None, jax.process_count()) else ""))
+    # The data position is a function of the step (loaders.GlobalBatchSampler), whatever the number
+    # of processes or grain workers that wrote the checkpoint: batch `step` comes next.
+    loaders.start_at_batch(stage.loader, step)
+    iterator = iter(stage.loader)
     writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=jax.process_index() == 0)
     order_log = open(data_order_path(workdir), "a") if config.get("record_data_order") else None
     stop = core.StopRequest()
@@ -93,15 +95,15 @@ def train(stage: Stage) -> dict:
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 history.append((step, _log_window(stage, writer, step, window, meter)))
                 window = []
-            ckpt.save(step, stage.params, opt_state, iterator)
+            ckpt.save(step, stage.params, opt_state)
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
                 writer.write(step, {f"eval/{k}": v for k, v in stage.evaluate(stage.params).items()})
             if stop.stop_at(step):
                 log(f"SIGTERM: saving step {step} and stopping")
-                ckpt.save(step, stage.params, opt_state, iterator, force=True)
+                ckpt.save(step, stage.params, opt_state, force=True)
                 break
         else:
-            ckpt.save(step, stage.params, opt_state, iterator, force=True)
+            ckpt.save(step, stage.params, opt_state, force=True)
         ckpt.close()
     finally:
         stop.restore()
@@ -109,6 +111,7 @@ def train(stage: Stage) -> dict:
             order_log.close()
     result = {"step": step, "loss_history": history, "params": stage.params}
     if step >= config.total_steps:
+        distributed.new_phase()
         final = stage.finish(stage.params, step)
         writer.write(step, {f"eval/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
         result.update(final)

@@ -35,7 +35,7 @@ def delta_config(config) -> DeltaEncoderConfig:
         raise ConfigError(f"config.model: {e}") from None
 
 
-def build_siglip(config, dtype, quiet: bool = False) -> SiglipVisionModel:
+def build_siglip(config, dtype, quiet: bool = False, mesh=None) -> SiglipVisionModel:
     """The frozen tower: from a converted checkpoint, or a small random one (tiny runs only; the
     same config and seed rebuild the same tower, which is how stage 2 finds it again)."""
     if not config.siglip_checkpoint:
@@ -49,7 +49,9 @@ def build_siglip(config, dtype, quiet: bool = False) -> SiglipVisionModel:
         return SiglipVisionModel(siglip_config, dtype=dtype, rngs=nnx.Rngs(config.seed + 1))
     if not os.path.isdir(config.siglip_checkpoint):
         raise ConfigError(f"config.siglip_checkpoint {config.siglip_checkpoint}: no such directory")
-    module = checkpoints.load(config.siglip_checkpoint)
+    # On the mesh (replicated or sharded by the rules): a tower on one local device cannot meet the
+    # mesh-sharded Δ-encoder in one jitted step, and in a multi-process run would be another per host.
+    module = checkpoints.load(config.siglip_checkpoint, mesh=mesh, rules=training.logical_rules(config) if mesh else None)
     tower = getattr(module, "vision_tower", module)
     if not isinstance(tower, SiglipVisionModel):
         raise ConfigError(f"config.siglip_checkpoint {config.siglip_checkpoint}: holds a {type(module).__name__}, "
@@ -67,7 +69,10 @@ def load_resnet_trunk(model: DeltaPretrainer, path: str, *, only_statistics: boo
     if getattr(source, "config", None) != trunk.config:
         raise ConfigError(f"config.resnet_checkpoint {path}: ResNet config {getattr(source, 'config', None)} "
                           f"does not match config.model.resnet {trunk.config}")
-    nnx.update(trunk, nnx.state(source, nnx.BatchStat) if only_statistics else nnx.state(source))
+    loaded, current = ((nnx.state(source, nnx.BatchStat), nnx.state(trunk, nnx.BatchStat)) if only_statistics
+                       else (nnx.state(source), nnx.state(trunk)))
+    # Onto the shardings the trunk already has (the loaded copy sits on one local device).
+    nnx.update(trunk, sharding.put(loaded, jax.tree.map(lambda x: x.sharding, current)))
 
 
 def prepare_data(config, workdir: str) -> str:
@@ -91,7 +96,7 @@ def prepare_data(config, workdir: str) -> str:
     return data_dir
 
 
-def make_functions(model_graph, siglip_graph, tx):
+def make_functions(model_graph, siglip_graph, tx, mesh):
     """Jitted train step, SigLIP tokens and predictions; graphdefs are static (closed over)."""
 
     def loss_fn(params, rest, siglip_state, batch):
@@ -116,7 +121,11 @@ def make_functions(model_graph, siglip_graph, tx):
     def predict(params, rest, prev_tokens, mv, residual):
         return nnx.merge(model_graph, params, rest)(prev_tokens, mv, residual).astype(jnp.float32)
 
-    return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(siglip_tokens), jax.jit(predict),
+    # Evaluation reads these on the host: replicated, so every process holds the whole result
+    # even when the parameters are sharded across hosts.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(siglip_tokens, out_shardings=replicated),
+            jax.jit(predict, out_shardings=replicated),
             jax.jit(jax.value_and_grad(loss_fn, has_aux=True)))
 
 
@@ -135,7 +144,7 @@ class Stage:
             raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by the data x fsdp devices ({data_shards})")
         compute = jnp.dtype(config.compute_dtype)
         model_config = delta_config(config)
-        self.siglip = build_siglip(config, compute)
+        self.siglip = build_siglip(config, compute, mesh=self.mesh)
         if self.siglip.config.image_size != model_config.image_size or self.siglip.config.hidden_size != model_config.width:
             raise ConfigError(f"SigLIP ({self.siglip.config.image_size} px, width {self.siglip.config.hidden_size}) and "
                               f"config.model ({model_config.image_size} px, width {model_config.width}) must agree")
@@ -154,7 +163,7 @@ class Stage:
         self.siglip_graph, self.siglip_state = nnx.split(self.siglip)
         self.tx, self.schedule = training.make_optimizer(config)
         self.train_step, self.siglip_tokens, self.predict, self.loss_and_grad = make_functions(
-            self.model_graph, self.siglip_graph, self.tx)
+            self.model_graph, self.siglip_graph, self.tx, self.mesh)
         self.loader = loaders.pair_loader(self.source, global_batch_size=config.batch_size, seed=config.seed,
                                           workers=config.data_workers, process_index=jax.process_index(),
                                           process_count=jax.process_count())

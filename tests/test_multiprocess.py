@@ -149,3 +149,24 @@ def test_processes_that_disagree_or_never_arrive_say_so(tmp_path):
     stderr = stderr_of(alone_dir, 0)
     assert alone.returncode == 1
     assert "error: process 0/2 could not join the run at 127.0.0.1:" in stderr and "within 3s" in stderr
+
+
+def test_sigterm_saves_every_process_at_one_step(tmp_path):
+    workdir = str(tmp_path / "work")
+    run = subprocess.Popen(["bash", "launch/local.sh", "2", *PRETRAIN, f"--workdir={workdir}"], cwd=REPO,
+                           env=environment(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if "[0] step 5/" in line:
+                run.send_signal(signal.SIGTERM)  # the script forwards it to both processes
+                break
+        lines += run.stdout.readlines()
+        run.wait(timeout=120)
+    finally:
+        run.kill()
+    output = "".join(lines)
+    saved = re.findall(r"SIGTERM: saving step (\d+) and stopping", output)
+    assert run.returncode == 0, output[-3000:]
+    assert len(saved) == 1 and os.listdir(os.path.join(workdir, "checkpoints")) == [saved[0]]

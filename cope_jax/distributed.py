@@ -141,7 +141,7 @@ def initialize(launch: Launch, init_timeout: int = 300, heartbeat_timeout: int =
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     # At its own timeout JAX aborts the process with a C++ stack trace; this timer says why first.
-    timer = threading.Timer(init_timeout, lambda: _exit_with(
+    timer = threading.Timer(init_timeout, lambda: exit_now(
         "error: " + join_failure(launch, init_timeout, TimeoutError("not every process arrived"))))
     timer.daemon = True
     kwargs = dict(initialization_timeout=init_timeout + 60, heartbeat_timeout_seconds=heartbeat_timeout)
@@ -158,7 +158,10 @@ def initialize(launch: Launch, init_timeout: int = 300, heartbeat_timeout: int =
         timer.cancel()
 
 
-def _exit_with(line: str, code: int = 1) -> None:
+def exit_now(line: str, code: int = 1) -> None:
+    """Prints `line` and ends the process at once: a normal exit would wait in jax.distributed's
+    shutdown barrier for peers that may never come."""
+    sys.stdout.flush()
     print(line, file=sys.stderr, flush=True)
     os._exit(code)
 
@@ -247,7 +250,7 @@ class Watchdog:
         while True:
             time.sleep(self.poll_s)
             if self.last is not None and time.monotonic() - self.last > self.seconds:
-                _exit_with(f"error: {self.who}: no progress for {self.seconds:.0f}s after {self.label} (a peer died "
+                exit_now(f"error: {self.who}: no progress for {self.seconds:.0f}s after {self.label} (a peer died "
                            "or a collective hung); stopping (--watchdog sets the limit)", WATCHDOG_EXIT_CODE)
 
 

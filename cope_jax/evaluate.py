@@ -13,10 +13,11 @@ option letter standing alone in the answer; open-ended answers score by normalis
 
 Each video is read once (from --records when it is preprocessed there, else from its file) and
 its shared prefix (system prompt, visual stream, time instruction) is prefilled once; its questions
-then continue from that KV cache, up to --batch-size of them prefilled and decoded together. <output>/predictions.jsonl gets one line per
-question as it is answered (prediction, correct, visual tokens, TTFT), so a rerun skips what is
-done; <output>/results.json holds the summary. Bad rows and videos that fail to read are listed
-in predictions.jsonl with their reason, counted, and never stop the run.
+then continue from that KV cache, up to --batch-size of them prefilled and decoded together.
+<output>/predictions.jsonl gets one line per question as it is answered (prediction, correct,
+visual tokens, TTFT), so a rerun skips what is done; <output>/results.json holds the summary. Bad
+rows and videos that fail to read are listed in predictions.jsonl with their reason, counted, and
+never stop the run.
 """
 
 from __future__ import annotations

@@ -285,8 +285,6 @@ def main(argv) -> None:
     if not _WORKDIR.value:
         _usage_error(f"--workdir is required for --mode={_MODE.value} (see --help)")
     _quiet_library_logs()
-    import jax
-
     from cope_jax import distributed
     from cope_jax.errors import UserError
 
@@ -307,8 +305,7 @@ def main(argv) -> None:
 
 
 def run_distributed(launch, workdir: str) -> int:
-    """One process of a multi-process run. Every failure ends the process with os._exit: the normal
-    exit would wait in jax.distributed's shutdown barrier for peers that may never come."""
+    """One process of a multi-process run. Every failure ends the process at once (distributed.exit_now)."""
     import jax
 
     from cope_jax import distributed
@@ -327,21 +324,15 @@ def run_distributed(launch, workdir: str) -> int:
         distributed.start_watchdog(_WATCHDOG.value, who)
         run(_CONFIG.value, workdir, _MODE.value)
     except UserError as e:
-        return _exit_now(f"error: {who}: {e}")
+        distributed.exit_now(f"error: {who}: {e}")
     except Exception as e:  # noqa: BLE001
         if distributed.is_peer_failure(e):
-            return _exit_now(f"error: {who}: the collectives failed, most likely because another process died or "
-                             f"stopped (see its log): {distributed.first_line(e)}")
+            distributed.exit_now(f"error: {who}: the collectives failed, most likely because another process died or "
+                                 f"stopped (see its log): {distributed.first_line(e)}")
         traceback.print_exc()
-        return _exit_now(f"error: {who}: {type(e).__name__}: {distributed.first_line(e)}")
+        distributed.exit_now(f"error: {who}: {type(e).__name__}: {distributed.first_line(e)}")
     jax.distributed.shutdown()
     return 0
-
-
-def _exit_now(line: str) -> int:
-    print(line, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
 
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

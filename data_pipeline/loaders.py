@@ -70,8 +70,8 @@ class GlobalBatchSampler:
 
     (grain's own `ShardOptions` splits the records into one contiguous range per process and
     shuffles inside each range: every process count would see other data in another order.)
-    `start_batch` makes a new iterator begin at that global batch: resuming a checkpoint written
-    by another number of processes."""
+    `start_batch` makes a new iterator begin at that global batch: how training resumes at its
+    checkpoint's step, whatever the number of processes or workers that wrote it."""
 
     def __init__(self, num_records: int, global_batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1, workers: int = 0, start_batch: int = 0):

@@ -74,7 +74,7 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_in_one(t
     assert len(os.listdir(os.path.join(two, "tensorboard"))) == 1
 
     # The 2-process checkpoint resumes in one process, at the same data as a 1-process checkpoint.
-    longer = ["--config.total_steps=8", "--config.record_data_order=True"]
+    longer = ["--config.total_steps=8"]
     resumed_two = single(2, *FINETUNE, *longer, f"--workdir={two}")
     resumed_one = single(2, *FINETUNE, *longer, f"--workdir={one}")
     for run in (resumed_two, resumed_one):

@@ -202,9 +202,8 @@ class VideoChat:
         rows = []  # (index, ids after the prefix, whole prompt length)
         for i, question in enumerate(questions):
             tokenized = self._first_prompt(question, self.prefix.encoded)
-            n = self.prefix.length
-            if tokenized.ids[:n].tolist() == self.ids[:n] and tokenized.is_visual[:n].tolist() == self.is_visual[:n]:
-                rows.append((i, tokenized.ids[n:].tolist(), len(tokenized)))
+            if self._extends_prefix(tokenized):
+                rows.append((i, tokenized.ids[self.prefix.length:].tolist(), len(tokenized)))
             else:  # the prompt does not extend the prefix: answered alone, as ask() would
                 chat = self.fork()
                 results[i] = ("".join(chat.ask(question)), chat.last)
@@ -315,18 +314,23 @@ class VideoChat:
         prefix = self.prefix
         tokenized = self._first_prompt(question, prefix.encoded)
         stats = dataclasses.replace(prefix.encoded.stats, timings={}, prompt_tokens=len(tokenized), ttft_s=0.0)
-        n = prefix.length
-        if tokenized.ids[:n].tolist() != self.ids[:n] or tokenized.is_visual[:n].tolist() != self.is_visual[:n]:
+        if not self._extends_prefix(tokenized):
             self.cache, self.ids, self.is_visual = None, [], []
             embeds = _video_prompt_embeddings(self.graphdef, self.state, *prefix.encoded.tables,
                                               prefix.encoded.token_source, tokenized.ids[None], tokenized.is_visual[None])
             cache = KVCache.init(self.model.config.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens,
                                                                      CACHE_BLOCK), self.model.language_model.dtype)
             return _Turn(embeds, cache, tokenized.ids.tolist(), tokenized.is_visual.tolist(), stats, first=True)
-        rest = tokenized.ids[n:].tolist()
+        rest = tokenized.ids[prefix.length:].tolist()
         embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(rest, jnp.int32)[None])
         needed = round_up(int(self.cache.end) + len(rest) + self.sampling.max_new_tokens, CACHE_BLOCK)
         return _Turn(embeds, grow_cache(self.cache, needed), rest, [False] * len(rest), stats, first=False)
+
+    def _extends_prefix(self, tokenized: prompts.TokenizedPrompt) -> bool:
+        """Whether a whole first turn, tokenised alone, starts with the shared prefix's ids (else it
+        is prefilled afresh, so answers never depend on sharing)."""
+        n = self.prefix.length
+        return tokenized.ids[:n].tolist() == self.ids[:n] and tokenized.is_visual[:n].tolist() == self.is_visual[:n]
 
     def _next_turn(self, question: str) -> "_Turn":
         ids = self._close_previous_answer()

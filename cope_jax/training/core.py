@@ -14,7 +14,6 @@ import signal
 import time
 from typing import Any
 
-import grain.python as grain
 import jax
 import numpy as np
 import optax

@@ -51,7 +51,7 @@ def build_siglip(config, dtype, quiet: bool = False, mesh=None) -> SiglipVisionM
         raise ConfigError(f"config.siglip_checkpoint {config.siglip_checkpoint}: no such directory")
     # On the mesh (replicated or sharded by the rules): a tower on one local device cannot meet the
     # mesh-sharded Δ-encoder in one jitted step, and in a multi-process run would be another per host.
-    module = checkpoints.load(config.siglip_checkpoint, mesh=mesh, rules=training.logical_rules(config) if mesh else None)
+    module = checkpoints.load(config.siglip_checkpoint, mesh=mesh, rules=training.logical_rules(config))
     tower = getattr(module, "vision_tower", module)
     if not isinstance(tower, SiglipVisionModel):
         raise ConfigError(f"config.siglip_checkpoint {config.siglip_checkpoint}: holds a {type(module).__name__}, "

@@ -137,20 +137,49 @@ def test_tasks_split_the_work_and_records_open_reads_the_union(video_dir, job, t
     assert len(records.open(str(tmp_path))) == len(GOOD)
 
 
+# A `python -c` script: the job (argv[1:]), held before it commits its last shard; it touches the
+# file $HOLD_FLAG and sleeps there, so a SIGKILL always lands mid-job, never after the job is done.
+HELD_JOB = """
+import os, sys, time
+from data_pipeline import preprocess
+commit = preprocess.ShardWriter.commit
+def held_commit(writer):
+    if os.path.basename(writer.path) == os.environ["HOLD_SHARD"]:
+        open(os.environ["HOLD_FLAG"], "w").close()
+        time.sleep(600)
+    commit(writer)
+preprocess.ShardWriter.commit = held_commit
+sys.exit(preprocess.main(sys.argv[1:]))
+"""
+
+
 def test_resume_after_kill_gives_identical_output(video_dir, job, tmp_path):
-    command = [sys.executable, "-m", "data_pipeline.preprocess", "--videos", str(video_dir), "--output", str(tmp_path),
+    output, flag, last = tmp_path / "out", tmp_path / "held", records.shard_name(2, 3)
+    command = [sys.executable, "-c", HELD_JOB, "--videos", str(video_dir), "--output", str(output),
                *SETTINGS, "--workers", "1", "--num-shards", "3"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not any(n.endswith(".json") and n.startswith("primitives-") for n in os.listdir(tmp_path)):
-        assert process.poll() is None and time.time() < deadline, "job ended before a shard was finished"
-        time.sleep(0.001)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not os.path.exists(tmp_path / "manifest.json") or not json.load(open(tmp_path / "manifest.json"))["complete"]
-    assert run_job(video_dir, tmp_path, "--workers", "1", "--num-shards", "3") == 0
-    assert shard_bytes(tmp_path) == shard_bytes(job)
-    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HOLD_SHARD": last, "HOLD_FLAG": str(flag)})
+    try:
+        deadline = time.time() + 300
+        while not flag.exists():
+            assert process.poll() is None, f"the job ended (exit {process.returncode}) before its last shard"
+            assert time.time() < deadline, "the job never reached its last shard"
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    # Killed mid-job: shards 0 and 1 finished, the last one only a temporary file, no manifest.
+    names = set(os.listdir(output))
+    finished = {records.shard_name(s, 3) for s in (0, 1)}
+    assert finished | {n[: -len(".array_record")] + ".json" for n in finished} <= names
+    assert last not in names and last.replace(".array_record", ".json") not in names
+    assert [n for n in names if n.startswith(last + ".tmp-")]
+    assert "manifest.json" not in names
+    assert run_job(video_dir, output, "--workers", "1", "--num-shards", "3") == 0
+    assert json.load(open(output / "manifest.json"))["complete"]
+    assert shard_bytes(output) == shard_bytes(job)
+    assert not [n for n in os.listdir(output) if ".tmp-" in n]
 
 
 def test_rerun_skips_finished_shards(video_dir, job, capsys):

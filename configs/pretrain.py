@@ -43,6 +43,12 @@ def _common() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999
     c.grad_clip_norm = 1.0
     c.compute_dtype = "float32"  # or "bfloat16": activations and matmuls; weights stay float32
+    # Attention kernels: "auto" takes the platform's (TPU: Pallas splash; GPU: cuDNN in bf16; CPU: direct or
+    # chunked by length); "xla", "chunked", "cudnn" or "splash" force one wherever it applies.
+    c.attention = "auto"
+    # One scan over each layer stack instead of unrolled layers: compile time independent of depth, FSDP
+    # weights gathered per layer in the compute dtype (same results).
+    c.scan_layers = False
     # Mesh axis sizes; -1 takes the remaining devices. Batches split over data x fsdp; weights
     # over fsdp (and tensor) by their logical axis names.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -91,6 +97,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.eval_every_steps = 2000
         c.log_every_steps = 50
         c.compute_dtype = "bfloat16"
+        c.scan_layers = True
         c.data_workers = 8
         c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     else:

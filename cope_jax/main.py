@@ -13,7 +13,12 @@ demo clips) and `paper` (the paper's sizes and settings):
 
 --mode=train (default) trains and evaluates; --mode=eval only evaluates the latest checkpoint in
 --workdir (and refuses when there is none); --mode=print_config prints every field of the resolved
-config, overrides applied, and needs no --workdir.
+config, overrides applied, and needs no --workdir. --mode=compile --target=NAME compiles the train
+step for an accelerator that is not here (TPU v4/v5p/v5e/v6e, H100/H200) with its own compiler and
+reports memory per device, whether it fits, the attention kernels and the FLOPs; exit 1 when it does
+not fit. It needs the compile environment (`make compile-env`):
+
+    .venv-compile/bin/python -m cope_jax.main --config=configs/finetune.py:paper --mode=compile --target=h100-8
 
 Any config field can be overridden after --config: --config.<field>=<value>, nested fields with
 dots (--config.mesh.data=2, --config.pretrain.total_steps=100), tuples as --config.x='(1, 2)'.
@@ -46,9 +51,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file and variant: configs/pretrain.py:tiny|paper or configs/finetune.py:tiny|paper",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints/, tensorboard/ and demo data (resumes if present)")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "print_config"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "print_config", "compile"],
                           "train (and evaluate); eval: only evaluate the latest checkpoint; print_config: print the "
-                          "resolved config and exit")
+                          "resolved config and exit; compile: compile the train step for --target and report whether "
+                          "it fits (no workdir, nothing written)")
+_TARGET = flags.DEFINE_string("target", None, "--mode=compile: the accelerator to compile for, as Cloud TPU names it "
+                              "(v5p-16, v4-8: TensorCores; v5litepod-4, v6e-64: chips) or h100-N / h200-N (GPUs, 8 "
+                              "per host); needs the compile environment (make compile-env)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "join a multi-process run whose processes are described by the "
                                   "environment: SLURM (srun) or a TPU VM pod (see launch/README.md)")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, reachable from every process "
@@ -282,6 +291,10 @@ def main(argv) -> None:
         overridden = config_flags.get_override_values(flags.FLAGS["config"])
         print(format_config(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]), overridden))
         return
+    if _MODE.value == "compile":
+        sys.exit(compile_for_target(_CONFIG.value, _TARGET.value))
+    if _TARGET.value:
+        _usage_error("--target only applies to --mode=compile")
     if not _WORKDIR.value:
         _usage_error(f"--workdir is required for --mode={_MODE.value} (see --help)")
     _quiet_library_logs()
@@ -302,6 +315,28 @@ def main(argv) -> None:
             sys.exit(1)
         return
     sys.exit(run_distributed(launch, workdir))
+
+
+def compile_for_target(config, target: str | None) -> int:
+    """--mode=compile: 0 when every program fits the target, 1 (one line) when one does not."""
+    from cope_jax import accelerators
+
+    if not target:
+        _usage_error(f"--mode=compile needs --target, one of: {accelerators.FORMS}")
+    try:
+        accelerators.parse(target)
+    except accelerators.TargetError as e:
+        _usage_error(str(e))
+    accelerators.compile_environment()  # before anything starts a JAX backend
+    _quiet_library_logs()
+    from cope_jax.errors import UserError
+    from cope_jax.training import compile as compile_mode
+
+    try:
+        return compile_mode.run(config, target)
+    except (UserError, accelerators.TargetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def run_distributed(launch, workdir: str) -> int:

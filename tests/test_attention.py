@@ -10,7 +10,7 @@ from conftest import assert_close
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cope_jax.models.qwen2.attention import causal_attention, choose_implementation
+from cope_jax.models.attention import causal_attention, choose_implementation
 from cope_jax.models.qwen2.modeling import KVCache, Qwen2Config, Qwen2ForCausalLM
 
 # Key slots [pad, offset + T) are valid: `pad` left padding per row (a row as long as the sequence

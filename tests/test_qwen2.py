@@ -12,7 +12,8 @@ from flax import nnx
 
 from cope_jax.convert import from_pytorch
 from cope_jax.inference.generation import SamplingConfig, generate
-from cope_jax.models.qwen2.modeling import KVCache, Qwen2Config, Qwen2ForCausalLM, set_attention
+from cope_jax.models.attention import set_attention
+from cope_jax.models.qwen2.modeling import KVCache, Qwen2Config, Qwen2ForCausalLM
 
 # kv heads 1 / 2 / full, tied and untied, rope theta 1e4 and 1e6, odd vocab sizes.
 CONFIGS = {

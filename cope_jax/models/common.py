@@ -25,6 +25,47 @@ def layer_runner(remat: str, apply=lambda layer, x: layer(x)):
     return apply if remat == "none" else nnx.remat(apply, policy=REMAT_POLICIES[remat])
 
 
+def run_layers(layers, x: jax.Array, apply=lambda layer, h: layer(h), *, remat: str = "none", scan: bool = False,
+               dtype=None) -> jax.Array:
+    """`x` through `layers` in order, `apply(layer, x)` each, under `remat`'s policy.
+
+    scan: one `jax.lax.scan` over the layers' weights, stacked inside the program after a cast of
+    the floating ones to `dtype` (the compute dtype; every layer casts them to it anyway, so results
+    are the same). The compiler then sees one layer instead of all of them: compile time stops growing
+    with depth, and under FSDP each layer's weights are gathered inside the loop, in `dtype`, and
+    freed after it, instead of being scheduled at XLA's discretion across the whole stack."""
+    if not scan or len(layers) < 2:
+        run = layer_runner(remat, apply)
+        for layer in layers:
+            x = run(layer, x)
+        return x
+    graph, first = nnx.split(layers[0])
+    treedef = jax.tree.structure(first)
+
+    def cast(leaf):
+        return leaf.astype(dtype) if dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    stacked = [jnp.stack([cast(leaf) for leaf in leaves])
+               for leaves in zip(*(jax.tree.leaves(nnx.state(layer)) for layer in layers))]
+
+    def body(h, leaves):
+        return apply(nnx.merge(graph, jax.tree.unflatten(treedef, leaves)), h), None
+
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    if remat != "none":  # the scan already keeps XLA from merging the recomputation away
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, stacked)[0]
+
+
+def set_scan_layers(model: nnx.Module, scan: bool) -> None:
+    """Runs every layer stack inside `model` (the LLM, the vision tower, the Δ-encoder's
+    transformers) as one scan (`run_layers`) or unrolled. Static: the next jit call recompiles."""
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "scan_layers"):
+            module.scan_layers = bool(scan)
+
+
 def resolve_dtype(name_or_dtype) -> jnp.dtype:
     """'bfloat16' / jnp.bfloat16 -> jnp.bfloat16, with a clear error for anything else."""
     if isinstance(name_or_dtype, str):

@@ -29,7 +29,8 @@ from cope_jax.inference.stream import VideoSettings
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
 from cope_jax.models.delta_encoder.modeling import parameter_count
 from cope_jax.models.siglip.modeling import set_remat
-from cope_jax.models.common import REMAT_POLICIES
+from cope_jax.models.attention import IMPLEMENTATIONS, set_attention
+from cope_jax.models.common import REMAT_POLICIES, set_scan_layers
 from cope_jax.training import core, instruct, loop, pretrain
 from cope_jax.training.loop import log
 
@@ -59,6 +60,8 @@ def check_config(config) -> None:
         problems.append(f"config.eval_every_steps must be >= 0, got {config.eval_every_steps!r}")
     if config.compute_dtype not in ("float32", "bfloat16"):
         problems.append(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
+    if config.attention not in IMPLEMENTATIONS:
+        problems.append(f"config.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {config.attention!r}")
     if config.remat not in REMAT_POLICIES:
         problems.append(f"config.remat must be one of {', '.join(REMAT_POLICIES)}, got {config.remat!r}")
     buckets = list(config.length_buckets)
@@ -365,6 +368,8 @@ class Stage:
             run_stage1(config, workdir, self.data_dir)
         model, self.tokenizer, self.delta_info = build_model(config, workdir, self.mesh, rules, compute)
         set_remat(model, config.remat)  # the tower and the Δ-encoder; the LLM's is a loss_sums argument
+        set_attention(model, config.attention)
+        set_scan_layers(model, config.scan_layers)
         self.model_config = model.config
         preprocessing = instruct.data_settings(self.data_dir)
         if preprocessing["size"] != model.config.vision.image_size:

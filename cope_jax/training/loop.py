@@ -85,7 +85,8 @@ def train(stage: Stage) -> dict:
             if order_log:
                 order_log.write(json.dumps({"step": step, "examples": stage.data_order(local)}) + "\n")
                 order_log.flush()
-            stage.params, opt_state, step_metrics = stage.step(stage.params, opt_state, local)
+            with jax.set_mesh(stage.mesh):  # kernels that run per shard (splash attention) find the mesh here
+                stage.params, opt_state, step_metrics = stage.step(stage.params, opt_state, local)
             window.append(step_metrics)  # device arrays: no host sync until the log line
             step += 1
             distributed.progress(f"step {step}")

@@ -19,6 +19,8 @@ from flax import nnx
 
 from cope_jax import checkpoints, sharding
 from cope_jax.errors import ConfigError
+from cope_jax.models.attention import IMPLEMENTATIONS, set_attention
+from cope_jax.models.common import set_scan_layers
 from cope_jax.models.cope.modeling import normalize_frames
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, DeltaPretrainer, parameter_count
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
@@ -137,6 +139,8 @@ class Stage:
                                 "log_every_steps", "keep_checkpoints")
         if config.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
+        if config.attention not in IMPLEMENTATIONS:
+            raise ConfigError(f"config.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {config.attention!r}")
         self.config, self.workdir = config, workdir
         self.mesh = training.build_mesh(config)
         data_shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
@@ -157,6 +161,9 @@ class Stage:
                                         self.mesh, training.logical_rules(config))
         if config.resnet_checkpoint:
             load_resnet_trunk(model, config.resnet_checkpoint)
+        for module in (model, self.siglip):
+            set_attention(module, config.attention)
+            set_scan_layers(module, config.scan_layers)
         self.encoder_parameters = parameter_count(model.delta_encoder)
         self.heads_parameters = parameter_count(model) - self.encoder_parameters
         self.model_graph, self.params, self.rest = nnx.split(model, nnx.Param, ...)

@@ -27,6 +27,9 @@ from cope_jax.models.siglip.modeling import SiglipEncoder, SiglipVisionConfig
 from cope_jax.sharding import initializer
 
 
+SCOPE = "delta_encoder"
+
+
 @dataclasses.dataclass(frozen=True)
 class DeltaEncoderConfig:
     image_size: int = 384
@@ -156,7 +159,8 @@ class DeltaEncoder(nnx.Module):
         if mv.shape[1:] != (*expected, 2) or residual.shape[1:] != (*expected, 3):
             raise ValueError(f"DeltaEncoder expects mv [B,{expected[0]},{expected[1]},2] and residual [B,...,3], "
                              f"got {mv.shape} and {residual.shape}")
-        return jnp.concatenate([self.motion_tokens(mv), self.residual_tokens(residual)], axis=1)
+        with jax.named_scope(SCOPE):  # names its ops in compiled programs (the compile report's kernels)
+            return jnp.concatenate([self.motion_tokens(mv), self.residual_tokens(residual)], axis=1)
 
 
 class TokenMixer(nnx.Module):

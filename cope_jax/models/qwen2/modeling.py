@@ -12,9 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from cope_jax.models.common import RMSNorm, layer_runner, linear, resolve_dtype
-from cope_jax.models.qwen2.attention import DEFAULT_BLOCK, causal_attention, check_implementation
+from cope_jax.models.common import RMSNorm, linear, resolve_dtype, run_layers
+from cope_jax.models.attention import DEFAULT_BLOCK, causal_attention
 from cope_jax.sharding import initializer
+
+
+SCOPE = "language_model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,8 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Qwen2Attention(nnx.Module):
+    attention_kind = "causal"  # `attention.set_attention` finds the layers by this
+
     def __init__(self, config: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, n, k, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -99,7 +104,7 @@ class Qwen2Attention(nnx.Module):
         self.o_proj = linear(n * h, d, ("heads", "embed"), use_bias=False, **kw)
         self.config = config
         # How attention runs (`set_attention`); not in Qwen2Config, so checkpoints never store it.
-        self.implementation = "auto"
+        self.implementation, self.platform = "auto", None
         self.block_q = self.block_k = DEFAULT_BLOCK
 
     def __call__(self, x, positions, *, query_slots=None, key_valid=None, cached_kv=None, write_at=None):
@@ -121,7 +126,8 @@ class Qwen2Attention(nnx.Module):
         if query_slots is not None:
             k, v = new_kv
         out = causal_attention(q, k.astype(q.dtype), v.astype(q.dtype), query_slots=query_slots, key_valid=key_valid,
-                               implementation=self.implementation, block_q=self.block_q, block_k=self.block_k)
+                               implementation=self.implementation, block_q=self.block_q, block_k=self.block_k,
+                               platform=self.platform)
         return self.o_proj(out.reshape(b, t, -1)), new_kv  # out [B,T,N,H]
 
 
@@ -160,18 +166,6 @@ class Qwen2Model(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
 
-def set_attention(model: nnx.Module, implementation: str, *, block_q: int = DEFAULT_BLOCK,
-                  block_k: int = DEFAULT_BLOCK) -> None:
-    """Chooses how every Qwen2 attention layer inside `model` runs ("auto", "xla", "chunked",
-    "cudnn"; see `attention.causal_attention`). Static: the next jit call recompiles."""
-    check_implementation(implementation)
-    layers = [module for _, module in nnx.iter_modules(model) if isinstance(module, Qwen2Attention)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Qwen2 attention layers")
-    for layer in layers:
-        layer.implementation, layer.block_q, layer.block_k = implementation, block_q, block_k
-
-
 def _positions_from_mask(attention_mask: jax.Array, start: jax.Array) -> jax.Array:
     """RoPE positions for left-padded rows: count of real tokens before each token (HF generate)."""
     return start[:, None] + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
@@ -182,6 +176,7 @@ class Qwen2ForCausalLM(nnx.Module):
         dtype, param_dtype = resolve_dtype(dtype), resolve_dtype(param_dtype)
         self.config = config
         self.dtype = dtype
+        self.scan_layers = False  # `common.set_scan_layers`; not in the config, so checkpoints never store it
         self.model = Qwen2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Tied: logits use embed_tokens' matrix and no lm_head exists (HF tie_word_embeddings).
         self.lm_head = None if config.tie_word_embeddings else linear(
@@ -218,10 +213,10 @@ class Qwen2ForCausalLM(nnx.Module):
         positions = _positions_from_mask(jnp.ones((b, t), bool) if key_valid is None else key_valid,
                                          jnp.zeros((b,), jnp.int32))
 
-        run = layer_runner(remat, lambda layer, h: layer(h, positions, key_valid=key_valid)[0])
         x = inputs_embeds.astype(self.dtype)
-        for layer in self.model.layers:
-            x = run(layer, x)
+        with jax.named_scope(SCOPE):  # names its ops in compiled programs (the compile report's kernels)
+            x = run_layers(self.model.layers, x, lambda layer, h: layer(h, positions, key_valid=key_valid)[0], remat=remat,
+                           scan=self.scan_layers, dtype=self.dtype)
         return self.model.norm(x)
 
     def forward_cached(self, inputs_embeds: jax.Array, attention_mask: jax.Array, cache: KVCache, *,
@@ -248,10 +243,11 @@ class Qwen2ForCausalLM(nnx.Module):
             attention = dict(query_slots=cache.end + jnp.arange(t, dtype=jnp.int32), key_valid=key_valid)
         x = inputs_embeds.astype(self.dtype)
         keys, values = [], []
-        for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
-            x, (k, v) = layer(x, positions, cached_kv=(k_cache, v_cache), write_at=cache.end, **attention)
-            keys.append(k)
-            values.append(v)
+        with jax.named_scope(SCOPE):
+            for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
+                x, (k, v) = layer(x, positions, cached_kv=(k_cache, v_cache), write_at=cache.end, **attention)
+                keys.append(k)
+                values.append(v)
         new_cache = KVCache(keys=keys, values=values, key_valid=key_valid,
                             next_position=cache.next_position + attention_mask.sum(axis=1, dtype=jnp.int32),
                             end=cache.end + t)

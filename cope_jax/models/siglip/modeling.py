@@ -12,8 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cope_jax.models.common import REMAT_POLICIES, layer_norm, layer_runner, linear, resolve_dtype
+from cope_jax.models.attention import encoder_attention
+from cope_jax.models.common import REMAT_POLICIES, layer_norm, linear, resolve_dtype, run_layers
 from cope_jax.sharding import initializer
+
+
+SCOPE = "vision_tower"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,8 @@ class SiglipEmbeddings(nnx.Module):
 
 
 class SiglipAttention(nnx.Module):
+    attention_kind = "encoder"  # `attention.set_attention` finds the layers by this
+
     def __init__(self, config: SiglipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d = config.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -84,11 +90,14 @@ class SiglipAttention(nnx.Module):
         self.v_proj = linear(d, d, ("embed", "heads"), **kw)
         self.out_proj = linear(d, d, ("heads", "embed"), **kw)
         self.num_heads = config.num_attention_heads
+        # How attention runs (`attention.set_attention`); not in the config, so checkpoints never store it.
+        self.implementation, self.platform = "auto", None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, p, d = x.shape
         split = lambda y: y.reshape(b, p, self.num_heads, d // self.num_heads)  # noqa: E731
-        out = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        out = encoder_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                implementation=self.implementation, platform=self.platform)
         return self.out_proj(out.reshape(b, p, d))
 
 
@@ -120,13 +129,11 @@ class SiglipEncoder(nnx.Module):
         self.layers = nnx.List([SiglipEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
         # Activation remat per layer when trained (`set_remat`); not in the config, so checkpoints never store it.
-        self.remat = "none"
+        self.remat, self.scan_layers = "none", False  # `common.set_scan_layers` for the latter
+        self.dtype = dtype
 
     def __call__(self, x):
-        run = layer_runner(self.remat)
-        for layer in self.layers:
-            x = run(layer, x)
-        return x
+        return run_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, dtype=self.dtype)
 
 
 def set_remat(model: nnx.Module, remat: str) -> None:
@@ -155,5 +162,6 @@ class SiglipVisionModel(nnx.Module):
         expected = (self.config.image_size, self.config.image_size, self.config.num_channels)
         if tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"SigLIP expects NHWC images of shape [B,{','.join(map(str, expected))}], got {pixel_values.shape}")
-        x = self.encoder(self.embeddings(pixel_values))
-        return x if self.post_layernorm is None else self.post_layernorm(x)
+        with jax.named_scope(SCOPE):  # names its ops in compiled programs (the compile report's kernels)
+            x = self.encoder(self.embeddings(pixel_values))
+            return x if self.post_layernorm is None else self.post_layernorm(x)

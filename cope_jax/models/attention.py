@@ -1,9 +1,10 @@
-"""Causal attention over a KV cache without a [T,S] mask for long inputs.
+"""Attention for every model: the LLM's causal attention over a KV cache, and the encoders'
+(SigLIP, the Δ-encoder's query transformers) bidirectional attention, each on its platform's kernel.
 
 Axis alphabet: B batch, T queries, S keys, N query heads, K kv heads, G = N / K query heads per kv
 head, H head dim. Query t of row b sits at cache slot `query_slots[b, t]` and sees key s iff
 `key_valid[b, s]` and `s <= query_slots[b, t]`; a query that sees no key (left padding) returns
-zeros. Three implementations, chosen statically from shapes, dtype and backend:
+zeros. The implementations, chosen statically from shapes, dtype and platform:
 
 - "xla": `jax.nn.dot_product_attention` with a [B,1,T,S] mask; the cheapest for decode steps and
   short prompts.
@@ -14,6 +15,11 @@ zeros. Three implementations, chosen statically from shapes, dtype and backend:
 - "cudnn": cuDNN's fused causal kernel on GPUs; only for plain causal self-attention (the queries
   are the keys, no padding), which the caller states by passing neither `query_slots` nor
   `key_valid`.
+- "splash": Pallas splash attention on TPUs, likewise only for plain causal self-attention.
+
+"auto" takes each platform's kernel where it applies (GPU: cuDNN for bf16/fp16; TPU: splash),
+else "xla" for small and "chunked" for long inputs. The platform is the default backend's unless
+`set_attention(..., platform=)` names another (compiling for a TPU or GPU from a CPU host).
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+PLATFORMS = ("cpu", "gpu", "tpu")
 DEFAULT_BLOCK = 512
 # T*S per batch-head at or below which "auto" takes the direct path: a 1k x 1k fp32 score matrix
 # is 4 MiB per head, less than the loop overhead of the chunked path is worth.
@@ -33,20 +41,25 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, query_slots: jax.Array | None = None,
                      key_valid: jax.Array | None = None, implementation: str = "auto",
-                     block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK) -> jax.Array:
+                     block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK,
+                     platform: str | None = None) -> jax.Array:
     """q [B,T,N,H], k and v [B,S,K,H] -> [B,T,N,H] (GQA natively: N = K * G, k/v never repeated).
 
     query_slots int32 [T] or [B,T]: each query's slot among the keys; None means query t is key t
     (S == T). key_valid bool [B,S]: real keys; None means all. Block sizes are for "chunked".
+    platform: whose kernel "auto" takes (None: the default backend's).
     """
     b, t = q.shape[:2]
     s = k.shape[1]
     if query_slots is None and s != t:
         raise ValueError(f"without query_slots the queries are the keys, but T={t} and S={s}")
     plain_causal = query_slots is None and key_valid is None
-    implementation = choose_implementation(implementation, t, s, plain_causal=plain_causal, dtype=q.dtype)
+    implementation = choose_implementation(implementation, t, s, plain_causal=plain_causal, dtype=q.dtype,
+                                           platform=platform)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if implementation == "splash":
+        return splash_attention(q, k, v, causal=True)
     if implementation == "xla" and plain_causal:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     query_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) if query_slots is None else query_slots, (b, t))
@@ -56,23 +69,108 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, query_slots: j
     return _chunked_attention(q, k, v, query_slots, key_valid, block_q, block_k)
 
 
-def choose_implementation(implementation: str, t: int, s: int, *, plain_causal: bool, dtype) -> str:
-    """Resolves "auto" from static facts: cuDNN for plain causal half-precision attention on a GPU,
-    the direct path while T*S is small, the chunked path beyond."""
+def choose_implementation(implementation: str, t: int, s: int, *, plain_causal: bool, dtype,
+                          platform: str | None = None) -> str:
+    """Resolves "auto" from static facts: the platform's kernel (cuDNN for half-precision on a
+    GPU, splash on a TPU) for plain causal attention, else the direct path while T*S is small and
+    the chunked path beyond."""
     check_implementation(implementation)
-    if implementation == "cudnn" and not plain_causal:
-        raise ValueError("cudnn attention needs plain causal self-attention: no query_slots, no key_valid")
+    if implementation in ("cudnn", "splash") and not plain_causal:
+        raise ValueError(f"{implementation} attention needs plain causal self-attention: no query_slots, no key_valid")
     if implementation != "auto":
         return implementation
-    # cuDNN's flash kernel takes only fp16/bf16.
-    if plain_causal and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
+    kernel = platform_kernel(platform, dtype)
+    if plain_causal and kernel:
+        return kernel
     return "xla" if t * s <= SMALL_ATTENTION else "chunked"
+
+
+def platform_kernel(platform: str | None, dtype) -> str | None:
+    """The fused attention kernel "auto" takes on `platform` (None: the default backend), if any.
+    cuDNN's flash kernel takes only fp16/bf16."""
+    platform = platform or jax.default_backend()
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "splash" if platform == "tpu" else None
 
 
 def check_implementation(implementation: str) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def set_attention(model: nnx.Module, implementation: str, *, platform: str | None = None,
+                  block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK) -> None:
+    """Chooses how every attention layer inside `model` runs: the LLM's causal layers
+    (`causal_attention`) and the encoders' (`encoder_attention`). `platform` ("cpu", "gpu", "tpu";
+    None: the default backend) is whose kernel "auto" takes. Static: the next jit call recompiles.
+    Block sizes are the chunked path's."""
+    check_implementation(implementation)
+    if platform is not None and platform not in PLATFORMS:
+        raise ValueError(f"attention platform must be one of {PLATFORMS}, got {platform!r}")
+    layers = [module for _, module in nnx.iter_modules(model) if getattr(module, "attention_kind", None)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no attention layers")
+    for layer in layers:
+        layer.implementation, layer.platform, layer.block_q, layer.block_k = implementation, platform, block_q, block_k
+
+
+def encoder_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "auto",
+                      platform: str | None = None) -> jax.Array:
+    """Bidirectional attention of the encoders (SigLIP, the Δ-encoder's query transformers):
+    q, k, v [B,P,N,H] -> [B,P,N,H]. "auto" takes the platform's kernel; "chunked" means the direct
+    path here (a few hundred patches need no blocking)."""
+    check_implementation(implementation)
+    if implementation == "auto":
+        implementation = platform_kernel(platform, q.dtype) or "xla"
+        if implementation == "cudnn" and q.shape[-1] % 8:  # cuDNN needs head dims in multiples of 8
+            implementation = "xla"
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if implementation == "splash":
+        return splash_attention(q, k, v, causal=False)
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------- splash (TPU)
+
+SPLASH_ALIGN = 128  # splash tiles sequences in blocks of 128 or more
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, interpret: bool = False) -> jax.Array:
+    """q [B,T,N,H], k and v [B,T,K,H] -> [B,T,N,H] through Pallas splash attention (TPU; `interpret`
+    runs the same kernel in Python on any backend, for tests). Sequences are padded to a multiple
+    of 128: a causal query never sees the padding after it; bidirectional padding is a second
+    segment that real queries do not see. Under a mesh (`jax.set_mesh`) the kernel runs per shard
+    (shard_map: rows over data x fsdp, heads over tensor), since XLA cannot partition a Pallas call."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, n, h = q.shape
+    length = -(-t // SPLASH_ALIGN) * SPLASH_ALIGN
+    block = next(size for size in (512, 256, 128) if length % size == 0)
+    pad = [(0, 0), (0, length - t), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, pad).swapaxes(1, 2) for x in (q * jnp.asarray(h**-0.5, q.dtype), k, v))  # [B,N|K,L,H]
+    segments = jnp.broadcast_to((jnp.arange(length) >= t).astype(jnp.int32), (b, length))
+
+    def per_shard(q, k, v, segments):
+        mask = (masks.CausalMask((length, length)) if causal else masks.FullMask((length, length)))
+        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+        kernel = splash.make_splash_mha(masks.MultiHeadMask([mask] * q.shape[1]), block_sizes=sizes, head_shards=1,
+                                        q_seq_shards=1, interpret=interpret)
+        ids = None if causal else splash.SegmentIds(q=segments, kv=segments)
+        return jax.vmap(kernel)(q, k, v, segment_ids=ids)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        rows = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+        rows = rows if rows and b % np.prod([mesh.shape[a] for a in rows]) == 0 else ()
+        heads = "tensor" if mesh.shape.get("tensor", 1) > 1 and n % mesh.shape["tensor"] == k.shape[1] % mesh.shape["tensor"] == 0 else None
+        spec = jax.sharding.PartitionSpec(rows or None, heads)
+        per_shard = jax.shard_map(per_shard, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(rows or None)),
+                                  out_specs=spec, check_vma=False)
+    return per_shard(q, k, v, segments).swapaxes(1, 2)[:, :t]
 
 
 def _xla_attention(q, k, v, query_slots, key_valid):

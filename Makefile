@@ -31,6 +31,26 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/plan_finetune.py --devices 8 --mesh fsdp=8 --remat layer none
 	$(VENV)/bin/python bench/plan_finetune.py --devices 64 --mesh fsdp=64 --grad-accum 2
 
+# The compile environment (--mode=compile): the project plus libtpu and the CUDA compile packages
+# (jax-cuda12-plugin/pjrt, ptxas, cuDNN, cuBLAS, NVRTC; about 4 GB) in their own virtualenv, so
+# .venv and `make test` stay CPU-only. Its tests run from .venv (tests/test_compile.py) against it.
+COMPILE_VENV := .venv-compile
+COMPILE_STAMP := $(COMPILE_VENV)/.installed
+
+$(COMPILE_STAMP): setup.py
+	test -x $(COMPILE_VENV)/bin/python || $(PYTHON) -m venv $(COMPILE_VENV)
+	echo '*' > $(COMPILE_VENV)/.gitignore
+	$(COMPILE_VENV)/bin/pip install -q --upgrade pip
+	$(COMPILE_VENV)/bin/pip install -q -e '.[compile]'
+	touch $(COMPILE_STAMP)
+
+.PHONY: compile-env test-compile
+compile-env: $(COMPILE_STAMP)
+
+# Compiles the tiny stage 2 and chat programs for a TPU topology and for 8 H100s (tests/test_compile.py).
+test-compile: $(STAMP) $(COMPILE_STAMP)
+	$(VENV)/bin/python -m pytest -q tests/test_compile.py
+
 # lmms-eval (integrations/lmms_eval/) gets its own virtualenv: lmms-eval 0.7.3 pins av<16 (we pin 18) and
 # pulls torch, torchvision, wandb and ~150 more packages. CPU torch goes in first (it lies in pip's
 # find-links here; elsewhere: LMMS_TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu');

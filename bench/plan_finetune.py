@@ -127,7 +127,7 @@ class Shape:
 def paper_config(args):
     config = finetune_configs.get_config("paper")
     config.batch_size = args.batch_size or config.batch_size
-    config.grad_accum_steps = args.grad_accum or config.grad_accum_steps
+    config.grad_accum_steps = args.grad_accum or config.grad_accum_steps or 4  # 4: the calibration before per-device rows
     if args.frozen is not None:
         config.frozen = list(args.frozen)
     return config

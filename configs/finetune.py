@@ -50,7 +50,7 @@ def _common() -> ml_collections.ConfigDict:
     c.length_buckets = (4096, 8192, 16384)
     c.total_steps = 1000
     c.batch_size = 128  # global, over all processes and accumulation steps
-    c.grad_accum_steps = 1  # micro-batches per step; batch_size / grad_accum_steps go through at once
+    c.grad_accum_steps = 1  # micro-batches per step; batch_size / grad_accum_steps go through at once (0: one row per device)
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 3
     c.eval_every_steps = 0  # 0: only at the end
@@ -115,7 +115,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # App. C: 1.39M samples of LLaVA-Video-178K at global batch 128 is ~10.9K steps an epoch.
         c.total_steps = 10_900
         c.batch_size = 128
-        c.grad_accum_steps = 4
+        # One row per device at a time (128 / devices micro-batches): the 16,384-token bucket with its 72
+        # keyframes and 72 P steps per row fits an 8-GPU node (BENCHMARKS.md, compiled memory plan).
+        c.grad_accum_steps = 0
         c.remat = "layer"
         c.scan_layers = True
         c.data_workers = 8

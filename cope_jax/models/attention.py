@@ -126,10 +126,21 @@ def encoder_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementatio
         if implementation == "cudnn" and q.shape[-1] % 8:  # cuDNN needs head dims in multiples of 8
             implementation = "xla"
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        return _cudnn_encoder_attention(q, k, v)
     if implementation == "splash":
         return splash_attention(q, k, v, causal=False)
     return jax.nn.dot_product_attention(q, k, v)
+
+
+def _cudnn_encoder_attention(q, k, v):
+    """cuDNN's flash kernel trains only on even sequence lengths (SigLIP has 729 patches): the
+    sequence is padded to a multiple of 8 and the padding masked off as keys by their count."""
+    b, p = q.shape[:2]
+    pad = [(0, 0), (0, -p % 8), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    lengths = jnp.full((b,), p, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    return out[:, :p]
 
 
 # ---------------------------------------------------------------------------- splash (TPU)

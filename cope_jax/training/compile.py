@@ -18,6 +18,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,10 @@ from cope_jax.models.common import set_scan_layers
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
 from cope_jax.models.delta_encoder.modeling import SCOPE as DELTA_SCOPE
 from cope_jax.models.delta_encoder.modeling import DeltaPretrainer
+from cope_jax.inference import generation
+from cope_jax.inference.generation import SamplingConfig
 from cope_jax.models.qwen2.modeling import SCOPE as LLM_SCOPE
+from cope_jax.models.qwen2.modeling import KVCache, Qwen2ForCausalLM
 from cope_jax.models.siglip.modeling import SCOPE as TOWER_SCOPE
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel, set_remat
 from cope_jax.training import core, finetune, pretrain
@@ -51,15 +55,26 @@ COMPONENTS = (LLM_SCOPE, TOWER_SCOPE, DELTA_SCOPE)
 
 @dataclasses.dataclass
 class Program:
-    """One train step to compile: its jitted function, abstract arguments and what it processes."""
+    """One program to compile: how to lower it, what its arguments hold per device, what it processes."""
 
     label: str
-    step: object  # jitted, donating like training
-    args: tuple  # ShapeDtypeStructs with shardings
-    params: object  # the trainable parameters among args (their gradients are temporaries)
-    items: int  # tokens (stage 2) or P-step examples (stage 1) per step
-    item_name: str
-    flops: callable  # () -> model FLOPs of one step
+    lower: Callable[[], jax.stages.Lowered]
+    parameters: int  # bytes per device of the weights among the arguments
+    optimizer_state: int
+    batch: int  # the batch (training) or the KV cache and prompt (inference)
+    gradients: int = 0  # fp32 gradients, among the compiler's temporaries
+    items: int = 0  # tokens (stage 2) or P-step examples (stage 1) per step
+    item_name: str = ""
+    flops: Callable[[], float] | None = None  # model FLOPs of one step
+
+
+def train_program(label: str, step, args: tuple, params, items: int, item_name: str, flops) -> Program:
+    """A train step `step(params, opt_state, *other_state, batch)` on abstract `args`."""
+    _, opt_state, *others, batch = args
+    return Program(label, lambda: step.lower(*args), parameters=per_device_bytes((params, others)),
+                   optimizer_state=per_device_bytes(opt_state), batch=per_device_bytes(batch),
+                   gradients=sum(math.prod(x.sharding.shard_shape(x.shape)) * 4 for x in jax.tree.leaves(params)),
+                   items=items, item_name=item_name, flops=flops)
 
 
 # ---------------------------------------------------------------------------- the entry point
@@ -75,7 +90,8 @@ def run(config, target_name: str) -> int:
     print(header(config, target, mesh))
     rows, failure = [], None
     for program in programs:
-        row = compile_program(program, target, mesh)
+        with jax.set_mesh(mesh):  # kernels that run per shard (splash attention) find the mesh here
+            row = compile_program(program, target)
         rows.append(row)
         print(format_row(row, target), flush=True)
         failure = failure or row.get("failure")
@@ -133,11 +149,8 @@ def video_slots(config, model_config: CoPEConfig) -> tuple[int, int]:
 
 def finetune_programs(config, mesh, target) -> list[Program]:
     finetune.check_config(config)
+    config = finetune.with_accumulation(config, mesh)
     accumulation = config.grad_accum_steps
-    rows = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    if (config.batch_size // accumulation) % rows:
-        raise ConfigError(f"config.batch_size / config.grad_accum_steps = {config.batch_size // accumulation} is not "
-                          f"divisible by the data x fsdp devices ({rows})")
     model_config = finetune_model_config(config)
     compute = jnp.dtype(config.compute_dtype)
     model = nnx.eval_shape(lambda: CoPEVideoLM(model_config, dtype=compute, param_dtype="float32", rngs=nnx.Rngs(0)))
@@ -159,9 +172,34 @@ def finetune_programs(config, mesh, target) -> list[Program]:
                              core.batch_sharding(mesh))
         micro = stage2_batch(config.batch_size // accumulation, length, keyframes, p_steps, min(visual, length), size)
         flops = _finetune_flops(graph, params, frozen, rest, micro, config, model_config, length, accumulation)
-        programs.append(Program(f"L={length}", train_step, (params, opt_state, frozen, rest, batch), params,
-                                config.batch_size * length, "tokens", flops))
-    return programs
+        programs.append(train_program(f"L={length}", train_step, (params, opt_state, frozen, rest, batch), params,
+                                      config.batch_size * length, "tokens", flops))
+    return programs + chat_programs(model_config, config, mesh.devices.flat[0], target)
+
+
+def chat_programs(model_config: CoPEConfig, config, device, target) -> list[Program]:
+    """What `cope_jax.chat` runs on one chip of the target with the trained model: the LLM's prefill
+    of a max_seq_len prompt into an empty cache (the platform's causal kernel) and one decode step,
+    weights in the compute dtype (`inference.generation`)."""
+    dtype = jnp.dtype(config.compute_dtype)
+    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config.text, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    set_attention(model, config.attention, platform=target.platform)
+    graph, state = nnx.split(model)
+    one = jax.sharding.SingleDeviceSharding(device)
+    on_chip = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)  # noqa: E731
+    length = config.max_seq_len
+    cache = on_chip(jax.eval_shape(lambda: KVCache.init(model_config.text, 1, length + 1, dtype)))
+    state = on_chip(state)
+    embeds = on_chip(jax.ShapeDtypeStruct((1, length, model_config.text.hidden_size), dtype))
+    mask = on_chip(jax.ShapeDtypeStruct((1, length), jnp.bool_))
+    token = on_chip(jax.ShapeDtypeStruct((1,), jnp.int32))
+    rng = on_chip(jax.eval_shape(lambda: jax.random.key(0)))
+    sampling = SamplingConfig()
+    weights, inputs = per_device_bytes(state), per_device_bytes((cache, embeds))
+    prefill = lambda: generation.prefill.lower(graph, state, embeds, mask, cache, sampling, rng, True, True)  # noqa: E731
+    decode = lambda: generation.decode_step.lower(graph, state, token, cache, sampling, rng)  # noqa: E731
+    return [Program(f"chat prefill {length}", prefill, weights, 0, inputs),
+            Program(f"chat decode (cache {length})", decode, weights, 0, inputs)]
 
 
 def stage2_batch(rows: int, length: int, keyframes: int, p_steps: int, visual: int, size: int, where=None) -> dict:
@@ -237,8 +275,8 @@ def pretrain_programs(config, mesh, target) -> list[Program]:
         grad = pretrain.make_functions(g, tg, tx, mesh)[-1]
         return jaxpr_flops(grad, p, r, ts, stage1_batch(config.batch_size, model_config.image_size))
 
-    return [Program(f"{config.batch_size} pairs", train_step, (params, opt_state, rest, tower_state, batch), params,
-                    config.batch_size, "P steps", flops)]
+    return [train_program(f"{config.batch_size} pairs", train_step, (params, opt_state, rest, tower_state, batch),
+                          params, config.batch_size, "P steps", flops)]
 
 
 def stage1_batch(rows: int, size: int, where=None) -> dict:
@@ -274,18 +312,19 @@ def per_device_bytes(tree) -> int:
 # ---------------------------------------------------------------------------- compiling
 
 
-def compile_program(program: Program, target, mesh) -> dict:
-    params, opt_state, *others = program.args
-    batch = others[-1]
-    row = {"label": program.label, "params": per_device_bytes(params) + per_device_bytes(others[:-1]),
-           "opt_state": per_device_bytes(opt_state), "batch": per_device_bytes(batch),
-           "gradients": sum(math.prod(x.sharding.shard_shape(x.shape)) * 4 for x in jax.tree.leaves(program.params)),
-           "items": program.items, "item_name": program.item_name}
+def compile_program(program: Program, target) -> dict:
+    row = {"label": program.label, "params": program.parameters, "opt_state": program.optimizer_state,
+           "batch": program.batch, "gradients": program.gradients, "items": program.items,
+           "item_name": program.item_name}
+    arguments = program.parameters + program.optimizer_state + program.batch
+    if arguments > target.usable_bytes:  # no compiler needed to know (a 7B model on one 16 GB chip)
+        row["total"], row["compile_s"] = arguments, 0.0
+        row["failure"] = misfit_line(program.label, arguments, target, "its weights, optimizer state and batch alone")
+        return row
     start = time.perf_counter()
     options = GPU_COMPILER_OPTIONS if target.platform == "gpu" else None
     try:
-        with jax.set_mesh(mesh):
-            compiled = program.step.lower(*program.args).compile(compiler_options=options)
+        compiled = program.lower().compile(compiler_options=options)
     except Exception as e:  # noqa: BLE001 - the TPU compiler reports out of memory as an error
         row["compile_s"] = time.perf_counter() - start
         needed = out_of_memory(str(e))
@@ -298,10 +337,11 @@ def compile_program(program: Program, target, mesh) -> dict:
     row["temporaries"] = memory.temp_size_in_bytes
     row["total"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                     + memory.temp_size_in_bytes)
-    row["kernels"] = attention_kernels(compiled.as_text())
-    start = time.perf_counter()
-    row["model_flops"] = program.flops()
-    row["flops_s"] = time.perf_counter() - start
+    hlo = compiled.as_text()
+    row["kernels"] = attention_kernels(hlo)
+    row["collectives"] = {op: len(re.findall(rf" {op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
+    if program.flops is not None:
+        row["model_flops"] = program.flops()
     if row["total"] > target.usable_bytes:
         row["failure"] = misfit_line(program.label, row["total"], target, "the compiler's plan")
     return row
@@ -317,12 +357,13 @@ def out_of_memory(message: str) -> int | None:
 def misfit_line(label: str, needed: int, target, source: str) -> str:
     reserve = (f" + {target.reserve_bytes / GiB:.0f} GiB for workspaces no plan counts" if target.reserve_bytes else "")
     return (f"{label} needs {needed / GiB:.1f} GiB per device{reserve}, a {target.chip.name} has "
-            f"{target.chip.memory_bytes / GiB:.1f} ({source}, {target.name}); lower config.grad_accum_steps' rows per "
-            f"device (raise config.grad_accum_steps), set config.remat=layer and config.scan_layers=True, or take more chips")
+            f"{target.chip.memory_bytes / GiB:.1f} ({source}, {target.name}); fewer rows per device at a time "
+            f"(config.grad_accum_steps=0 takes one), set config.remat=layer and config.scan_layers=True, or take more chips")
 
 
 # ---------------------------------------------------------------------------- what the HLO shows
 
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 KERNEL_NAMES = {"cudnn": "cuDNN fused attention", "splash": "Pallas splash attention"}
 
 
@@ -392,14 +433,15 @@ def header(config, target, mesh) -> str:
              f"{hosts} host{'s' * (hosts > 1)}); mesh {mesh_text}; compute {config.compute_dtype}, remat "
              f"{config.get('remat', 'none')}, scan_layers {config.scan_layers}, attention {config.attention}"]
     if config.stage == "finetune":
-        lines.append(f"global batch {config.batch_size} in {config.grad_accum_steps} micro-batches = "
-                     f"{config.batch_size // config.grad_accum_steps // math.prod(mesh.shape[a] for a in ('data', 'fsdp'))} "
-                     "rows per device at a time")
+        accumulation = finetune.with_accumulation(config, mesh).grad_accum_steps
+        lines.append(f"global batch {config.batch_size} in {accumulation} micro-batches = "
+                     f"{config.batch_size // accumulation // math.prod(mesh.shape[a] for a in ('data', 'fsdp'))} "
+                     "row(s) per device at a time")
     if target.reserve_bytes:
         lines.append(f"fits: total + {target.reserve_bytes / GiB:.0f} GiB (cuDNN/NCCL workspaces, CUDA context) <= "
                      f"{target.chip.memory_bytes / GiB:.1f} GiB; run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "
                      "(JAX takes 75% of a GPU by default)")
-    lines += ["", "| program | parameters | optimizer state | batch | gradients* | other temporaries | total per device "
+    lines += ["", "| program | parameters | optimizer state | batch (chat: KV cache + prompt) | gradients* | other temporaries | total per device "
               "| chip | fits | compile (s) |", "|---" * 10 + "|"]
     return "\n".join(lines)
 
@@ -407,9 +449,10 @@ def header(config, target, mesh) -> str:
 def format_row(row: dict, target) -> str:
     g = lambda n: f"{n / GiB:.1f}"  # noqa: E731
     chip = g(target.chip.memory_bytes)
-    if "temporaries" not in row:  # the TPU compiler stopped: only its total is known
+    if "temporaries" not in row:  # not compiled, or the TPU compiler stopped: only a total is known
+        why = "arguments alone" if row["compile_s"] == 0 else "compiler: out of memory"
         return (f"| {row['label']} | {g(row['params'])} | {g(row['opt_state'])} | {g(row['batch'])} | – | – "
-                f"| **{g(row['total'])}** (compiler: out of memory) | {chip} | no | {row['compile_s']:.0f} |")
+                f"| **{g(row['total'])}** ({why}) | {chip} | **no** | {row['compile_s']:.0f} |")
     other = row["temporaries"] - row["gradients"]
     fits = "yes" if "failure" not in row else "**no**"
     return (f"| {row['label']} | {g(row['params'])} | {g(row['opt_state'])} | {g(row['batch'])} | {g(row['gradients'])} "
@@ -426,7 +469,8 @@ def format_kernels(rows: list[dict]) -> str:
         for component, kernels in row["kernels"].items():
             shown = ", ".join(f"{KERNEL_NAMES[k]} ({n} calls)" for k, n in kernels.items()) or "XLA (no fused kernel)"
             parts.append(f"{component}: {shown}")
-        lines.append(f"- {row['label']}: " + "; ".join(parts))
+        collectives = ", ".join(f"{n} {op}" for op, n in row["collectives"].items() if n) or "none"
+        lines.append(f"- {row['label']}: " + "; ".join(parts) + f" (collectives: {collectives})")
     return "\n".join(lines)
 
 

@@ -46,10 +46,12 @@ def check_config(config) -> None:
     """Every problem of the config at once, in one line (nothing is written before this passes)."""
     problems = []
     for field in ("total_steps", "batch_size", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints",
-                  "grad_accum_steps", "max_seq_len", "learning_rate", "loss_chunk", "keyframes_per_gop", "max_gops"):
+                  "max_seq_len", "learning_rate", "loss_chunk", "keyframes_per_gop", "max_gops"):
         value = config[field]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             problems.append(f"config.{field} must be > 0, got {value!r}")
+    if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 0:
+        problems.append(f"config.grad_accum_steps must be >= 0 (0: one row per device at a time), got {config.grad_accum_steps!r}")
     if isinstance(config.batch_size, int) and isinstance(config.grad_accum_steps, int) and config.grad_accum_steps > 0 \
             and config.batch_size % config.grad_accum_steps:
         problems.append(f"config.batch_size {config.batch_size} is not divisible by config.grad_accum_steps "
@@ -89,6 +91,22 @@ def check_config(config) -> None:
         problems.append("config.run_pretrain and config.delta_checkpoint exclude each other (one source of the Δ-encoder)")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def with_accumulation(config, mesh):
+    """The config with config.grad_accum_steps resolved for `mesh`: 0 means one row per data x fsdp
+    device at a time (global batch / those devices micro-batches); checks that micro-batches split evenly."""
+    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    if config.grad_accum_steps == 0:
+        if config.batch_size % shards:
+            raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by the data x fsdp devices ({shards})")
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.grad_accum_steps = config.batch_size // shards
+    if (config.batch_size // config.grad_accum_steps) % shards:
+        raise ConfigError(f"config.batch_size / config.grad_accum_steps = {config.batch_size // config.grad_accum_steps} "
+                          f"is not divisible by the data x fsdp devices ({shards})")
+    return config
 
 
 def _regex_problem(field: str, pattern) -> list[str]:
@@ -352,10 +370,7 @@ class Stage:
         check_config(config)
         self.config, self.workdir = config, workdir
         self.mesh = core.build_mesh(config)
-        data_shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
-        if (config.batch_size // config.grad_accum_steps) % data_shards:
-            raise ConfigError(f"config.batch_size / config.grad_accum_steps = {config.batch_size // config.grad_accum_steps} "
-                              f"is not divisible by the data x fsdp devices ({data_shards})")
+        config = self.config = with_accumulation(config, self.mesh)
         rules = core.logical_rules(config)
         compute = jnp.dtype(config.compute_dtype)
         if config.annotations:

@@ -104,7 +104,7 @@ from configs import finetune as finetune_configs  # noqa: E402
 from cope_jax import sharding  # noqa: E402
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM  # noqa: E402
 from cope_jax.models.attention import set_attention  # noqa: E402
-from cope_jax.models.siglip.modeling import set_remat  # noqa: E402
+from cope_jax.models.common import set_remat  # noqa: E402
 from cope_jax.training import core, finetune  # noqa: E402
 
 

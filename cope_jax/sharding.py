@@ -121,3 +121,19 @@ def replicated_large_weights(module: nnx.Module, min_size: int = 2**14) -> list[
         if value.size >= min_size and value.sharding.is_fully_replicated and len(value.sharding.device_set) > 1:
             offenders.append("/".join(map(str, path)))
     return offenders
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """Activations [B, ...] split by rows over the batch rule's mesh axes (data x fsdp) of the mesh
+    in context (`jax.set_mesh`); unchanged without one. FSDP shards weights on their embed axis and
+    the batch on rows: left alone, XLA can resolve that conflict by gathering the rows of an
+    activation instead of the weights of a layer (measured: 8 rows of [16384, 18944] per device at
+    7B), so every layer stack pins its activations to the rows here, as MaxText's logical
+    activation constraints do."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in dict(DEFAULT_RULES)["batch"] if mesh.shape.get(a, 1) > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes if len(axes) > 1 else axes[0]))

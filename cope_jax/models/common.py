@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cope_jax.sharding import initializer
+from cope_jax.sharding import constrain_rows, initializer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -18,11 +18,20 @@ REMAT_POLICIES = {"none": None, "layer": jax.checkpoint_policies.nothing_saveabl
 
 
 def layer_runner(remat: str, apply=lambda layer, x: layer(x)):
-    """`apply(layer, x)` under `remat`'s policy (REMAT_POLICIES). The layer stays an argument, so
-    nnx lifts its weights into the checkpointed function instead of closing over them."""
+    """`apply(layer, x)` under `remat`'s policy (REMAT_POLICIES). The checkpointed function takes the
+    layer's weights as an argument (split from its graph, merged inside) instead of closing over
+    them, so they are inputs of the recomputation, not constants, and stateful layers (BatchNorm's
+    statistics) are read without being lifted."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
-    return apply if remat == "none" else nnx.remat(apply, policy=REMAT_POLICIES[remat])
+    if remat == "none":
+        return apply
+
+    def run(layer, x):
+        graph, state = nnx.split(layer)
+        return jax.checkpoint(lambda s, h: apply(nnx.merge(graph, s), h), policy=REMAT_POLICIES[remat])(state, x)
+
+    return run
 
 
 def run_layers(layers, x: jax.Array, apply=lambda layer, h: layer(h), *, remat: str = "none", scan: bool = False,
@@ -34,8 +43,9 @@ def run_layers(layers, x: jax.Array, apply=lambda layer, h: layer(h), *, remat: 
     are the same). The compiler then sees one layer instead of all of them: compile time stops growing
     with depth, and under FSDP each layer's weights are gathered inside the loop, in `dtype`, and
     freed after it, instead of being scheduled at XLA's discretion across the whole stack."""
+    pinned = lambda layer, h: constrain_rows(apply(layer, constrain_rows(h)))  # noqa: E731 - rows stay split
     if not scan or len(layers) < 2:
-        run = layer_runner(remat, apply)
+        run = layer_runner(remat, pinned)
         for layer in layers:
             x = run(layer, x)
         return x
@@ -49,13 +59,24 @@ def run_layers(layers, x: jax.Array, apply=lambda layer, h: layer(h), *, remat: 
                for leaves in zip(*(jax.tree.leaves(nnx.state(layer)) for layer in layers))]
 
     def body(h, leaves):
-        return apply(nnx.merge(graph, jax.tree.unflatten(treedef, leaves)), h), None
+        return pinned(nnx.merge(graph, jax.tree.unflatten(treedef, leaves)), h), None
 
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
     if remat != "none":  # the scan already keeps XLA from merging the recomputation away
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(body, x, stacked)[0]
+
+
+def set_remat(model: nnx.Module, remat: str) -> None:
+    """Per-layer activation remat ("none", "layer", "dots") for every layer stack inside `model` that
+    takes one (the vision tower, the Δ-encoder's transformers and ResNet trunk; the LLM's is an
+    argument of its forward). Static: the next jit call recompiles."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "remat"):
+            module.remat = remat
 
 
 def set_scan_layers(model: nnx.Module, scan: bool) -> None:

@@ -13,6 +13,7 @@ step (counted on the program's jaxpr) and the throughput per chip that 45% MFU m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -27,7 +28,7 @@ from flax import nnx
 from cope_jax import accelerators, sharding
 from cope_jax.errors import ConfigError
 from cope_jax.models.attention import set_attention
-from cope_jax.models.common import set_scan_layers
+from cope_jax.models.common import set_remat, set_scan_layers
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
 from cope_jax.models.delta_encoder.modeling import SCOPE as DELTA_SCOPE
 from cope_jax.models.delta_encoder.modeling import DeltaPretrainer
@@ -36,15 +37,16 @@ from cope_jax.inference.generation import SamplingConfig
 from cope_jax.models.qwen2.modeling import SCOPE as LLM_SCOPE
 from cope_jax.models.qwen2.modeling import KVCache, Qwen2ForCausalLM
 from cope_jax.models.siglip.modeling import SCOPE as TOWER_SCOPE
-from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel, set_remat
-from cope_jax.training import core, finetune, pretrain
+from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
+from cope_jax.training import core, finetune, instruct, pretrain
 from data_pipeline import codec
 
 GiB = 2**30
 MFU = 0.45
 # Stage 2 plans for the longest video a sample may hold: as many GOPs as fit config.max_seq_len
 # beside this much text (time instruction, question, answer), which is what the data's padded
-# keyframe and P-step slots come to when any video is long enough.
+# keyframe and P-step slots come to when any video is long enough. GOPs are those of
+# config.data_dir's preprocessing, else of the demo clips (run_pretrain) or the preprocessing defaults.
 TEXT_TOKENS = 256
 DEMO_PREPROCESSING = codec.Settings(gop=120, fusion=10)  # the built-in demo clips (finetune.prepare_demo_data)
 # Deviceless GPU compiles have no autotuner, and XLA's Triton GEMM emitter then finds no tile for
@@ -66,6 +68,7 @@ class Program:
     items: int = 0  # tokens (stage 2) or P-step examples (stage 1) per step
     item_name: str = ""
     flops: Callable[[], float] | None = None  # model FLOPs of one step
+    on_mesh: bool = True  # traced under the mesh (training); False: one chip (chat)
 
 
 def train_program(label: str, step, args: tuple, params, items: int, item_name: str, flops) -> Program:
@@ -90,7 +93,8 @@ def run(config, target_name: str) -> int:
     print(header(config, target, mesh))
     rows, failure = [], None
     for program in programs:
-        with jax.set_mesh(mesh):  # kernels that run per shard (splash attention) find the mesh here
+        # Under the mesh, kernels that run per shard (splash attention) find it.
+        with jax.set_mesh(mesh) if program.on_mesh else contextlib.nullcontext():
             row = compile_program(program, target)
         rows.append(row)
         print(format_row(row, target), flush=True)
@@ -136,7 +140,10 @@ def finetune_model_config(config) -> CoPEConfig:
 
 def video_slots(config, model_config: CoPEConfig) -> tuple[int, int]:
     """(keyframe slots, P-step slots) per sample: the most GOPs that fit max_seq_len beside TEXT_TOKENS."""
-    preprocessing = DEMO_PREPROCESSING if not (config.annotations or config.data_dir) else codec.Settings()
+    if config.data_dir:
+        preprocessing = instruct.preprocessing_settings(config.data_dir)
+    else:  # the built-in pipeline's demo clips, else what preprocessing writes by default (paper §4.1)
+        preprocessing = DEMO_PREPROCESSING if config.run_pretrain else codec.Settings()
     steps = preprocessing.gop // preprocessing.fusion
     keyframes = min(config.keyframes_per_gop, steps)
     per_gop = keyframes * model_config.tokens_per_keyframe + (steps - keyframes) * model_config.tokens_per_p_step
@@ -198,8 +205,8 @@ def chat_programs(model_config: CoPEConfig, config, device, target) -> list[Prog
     weights, inputs = per_device_bytes(state), per_device_bytes((cache, embeds))
     prefill = lambda: generation.prefill.lower(graph, state, embeds, mask, cache, sampling, rng, True, True)  # noqa: E731
     decode = lambda: generation.decode_step.lower(graph, state, token, cache, sampling, rng)  # noqa: E731
-    return [Program(f"chat prefill {length}", prefill, weights, 0, inputs),
-            Program(f"chat decode (cache {length})", decode, weights, 0, inputs)]
+    return [Program(f"chat prefill {length}", prefill, weights, 0, inputs, on_mesh=False),
+            Program(f"chat decode (cache {length})", decode, weights, 0, inputs, on_mesh=False)]
 
 
 def stage2_batch(rows: int, length: int, keyframes: int, p_steps: int, visual: int, size: int, where=None) -> dict:

@@ -28,9 +28,8 @@ from cope_jax.errors import ConfigError
 from cope_jax.inference.stream import VideoSettings
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
 from cope_jax.models.delta_encoder.modeling import parameter_count
-from cope_jax.models.siglip.modeling import set_remat
 from cope_jax.models.attention import IMPLEMENTATIONS, set_attention
-from cope_jax.models.common import REMAT_POLICIES, set_scan_layers
+from cope_jax.models.common import REMAT_POLICIES, set_remat, set_scan_layers
 from cope_jax.training import core, instruct, loop, pretrain
 from cope_jax.training.loop import log
 
@@ -293,17 +292,19 @@ def make_functions(graph, tx, config):
 
     def train_step(params, opt_state, frozen, rest, batch):
         # Micro-batch a takes rows a, a+A, a+2A, ...: each device's contiguous rows hold every
-        # micro-batch, so the split needs no data movement.
-        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1),
-                             batch)
+        # micro-batch, so the split needs no data movement. Each step indexes its rows in place (a
+        # transposed copy of the batch would be one more batch per device).
+        grouped = jax.tree.map(lambda x: x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]), batch)
 
-        def accumulate(carry, mb):
+        def accumulate(carry, a):
             grads, total, count = carry
+            mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, a, axis=1, keepdims=False), grouped)
             (loss, n), g = grad_fn(params, frozen, rest, mb)
             return (jax.tree.map(jnp.add, grads, g), total + loss, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
+        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
+                                                jnp.arange(accumulation))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)  # the token mean over the whole global batch
         updates, opt_state = tx.update(grads, opt_state, params)

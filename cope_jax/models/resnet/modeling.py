@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cope_jax.models.common import resolve_dtype
-from cope_jax.sharding import initializer
+from cope_jax.models.common import layer_runner, resolve_dtype
+from cope_jax.sharding import constrain_rows, initializer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +99,15 @@ class ResNet(nnx.Module):
                 in_ch = width
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
+        self.remat = "none"  # per block when trained (`common.set_remat`); not in the config, so checkpoints never store it
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.config.num_channels:
             raise ValueError(f"ResNet expects NHWC input with {self.config.num_channels} channels, got shape {x.shape}")
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        run = layer_runner(self.remat, lambda block, h: constrain_rows(block(constrain_rows(h))))
         for stage in self.stages:
             for block in stage:
-                x = block(x)
+                x = run(block, x)
         return x

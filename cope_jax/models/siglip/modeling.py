@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cope_jax.models.attention import encoder_attention
-from cope_jax.models.common import REMAT_POLICIES, layer_norm, linear, resolve_dtype, run_layers
+from cope_jax.models.common import layer_norm, linear, resolve_dtype, run_layers
 from cope_jax.sharding import initializer
 
 
@@ -134,16 +134,6 @@ class SiglipEncoder(nnx.Module):
 
     def __call__(self, x):
         return run_layers(self.layers, x, remat=self.remat, scan=self.scan_layers, dtype=self.dtype)
-
-
-def set_remat(model: nnx.Module, remat: str) -> None:
-    """Per-layer activation remat ("none", "layer", "dots") for every SigLIP-style encoder inside
-    `model`: the vision tower and the Δ-encoder's query transformers. Static: jit recompiles."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, SiglipEncoder):
-            module.remat = remat
 
 
 class SiglipVisionModel(nnx.Module):

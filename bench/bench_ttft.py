@@ -362,6 +362,115 @@ def flops_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- (c) compiled for a target
+
+
+def part_target(args, tokenizer) -> dict:
+    """The 7B inference programs compiled for one chip of --target by that chip's own compiler
+    (`--mode=compile`'s machinery): per setup the vision tower over its keyframes, the Δ-encoder
+    over its P steps, the LLM prefill of the whole prompt and one decode step, bf16 weights, the
+    platform's attention kernels; with --video-hours, the long video's LLM prefill appended
+    --chunk-tokens at a time to a cache that holds all of it (`generation.append_chunk`)."""
+    from cope_jax import accelerators
+    from cope_jax.inference import generation
+    from cope_jax.training import compile as compile_mode
+
+    target = accelerators.parse(args.target)
+    one = jax.sharding.SingleDeviceSharding(accelerators.devices(target)[0])
+    config = CoPEConfig.llava_video_7b()
+    dtype = jnp.bfloat16
+    model = nnx.eval_shape(lambda: CoPEVideoLM(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    set_attention(model, "auto", platform=target.platform)
+    on_chip = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)  # noqa: E731
+    spec = lambda shape, dt: on_chip(jax.ShapeDtypeStruct(shape, dt))  # noqa: E731
+    graph, state = nnx.split(model)
+    state = on_chip(state)
+    lm_graph, lm_state = nnx.split(model.language_model)
+    lm_state = on_chip(lm_state)
+    size, width = config.vision.image_size, config.text.hidden_size
+    weights = compile_mode.per_device_bytes(state)
+    sampling = SamplingConfig()
+    rng = on_chip(jax.eval_shape(lambda: jax.random.key(0)))
+    vision = jax.jit(lambda s, frames: nnx.merge(graph, s).keyframe_token_table(frames))
+    delta = jax.jit(lambda s, mv, residual: nnx.merge(graph, s).p_step_token_table(mv, residual))
+
+    def programs_for(label, keyframes, p_steps, prompt):
+        frames = spec((keyframes, size, size, 3), jnp.uint8)
+        mv, residual = spec((p_steps, size, size, 2), jnp.float32), spec((p_steps, size, size, 3), jnp.int16)
+        cache = on_chip(jax.eval_shape(lambda: KVCache.init(config.text, 1, prompt + args.max_new_tokens, dtype)))
+        embeds, mask = spec((1, prompt, width), dtype), spec((1, prompt), jnp.bool_)
+        token = spec((1,), jnp.int32)
+        inputs = compile_mode.per_device_bytes((cache, embeds))
+        encoders = [compile_mode.Program(f"{label}: vision tower, {keyframes} keyframes", lambda: vision.lower(state, frames),
+                                         weights, 0, compile_mode.per_device_bytes(frames))]
+        if p_steps:  # the dense baseline has none
+            encoders.append(compile_mode.Program(f"{label}: Δ-encoder, {p_steps} P steps",
+                                                 lambda: delta.lower(state, mv, residual), weights, 0,
+                                                 compile_mode.per_device_bytes((mv, residual))))
+        return encoders + [compile_mode.Program(f"{label}: LLM prefill, {prompt:,} tokens", lambda: generation.prefill.lower(
+                    lm_graph, lm_state, embeds, mask, cache, sampling, rng, True, True), weights, 0, inputs),
+                compile_mode.Program(f"{label}: decode step", lambda: generation.decode_step.lower(
+                    lm_graph, lm_state, token, cache, sampling, rng), weights, 0, inputs)]
+
+    programs = []
+    video = planned_video(args.seconds, size)
+    for setup in setups(args):
+        keyframes, p_steps, _, prompt = prompt_length(tokenizer, video, setup.settings(size), config)
+        programs += programs_for(setup.label, keyframes, p_steps, prompt)
+    long_video = None
+    if args.video_hours:
+        # LLaVA-Video's time instruction lists every sampled timestamp (28,800 for 8 hours): left out here.
+        settings = dataclasses.replace(Setup(1, 0).settings(size), max_gops=10**9, time_instruction=False)
+        keyframes, p_steps, visual, prompt = prompt_length(tokenizer, planned_video(args.video_hours * 3600, size), settings,
+                                                           config)
+        chunks = -(-prompt // args.chunk_tokens)
+        cache = on_chip(jax.eval_shape(lambda: KVCache.init(config.text, 1, chunks * args.chunk_tokens, dtype)))
+        embeds, mask = spec((1, args.chunk_tokens, width), dtype), spec((1, args.chunk_tokens), jnp.bool_)
+        cache_bytes = compile_mode.per_device_bytes(cache)
+        long_video = dict(hours=args.video_hours, keyframes=keyframes, p_steps=p_steps, visual_tokens=visual,
+                          prompt_tokens=prompt, chunk_tokens=args.chunk_tokens, chunks=chunks, cache_bytes=cache_bytes)
+        programs.append(compile_mode.Program(
+            f"{args.video_hours:g} h video, 1 kf/GOP: prefill chunk of {args.chunk_tokens:,} into a {chunks * args.chunk_tokens:,}-slot cache",
+            lambda: generation.append_chunk.lower(lm_graph, lm_state, embeds, mask, cache),
+            compile_mode.per_device_bytes(lm_state), 0, cache_bytes + compile_mode.per_device_bytes(embeds)))
+    rows = []
+    for program in programs:
+        print(f"  compiling {program.label} ...", flush=True)
+        rows.append(compile_mode.compile_program(program, target))
+    if long_video:
+        row = rows[-1]
+        fixed = row["total"] - long_video["cache_bytes"]  # weights, one chunk's working memory
+        long_video["total_bytes"] = row["total"]
+        long_video["hours_that_fit"] = args.video_hours * (target.usable_bytes - fixed) / long_video["cache_bytes"]
+    return dict(target=target.name, chip=target.chip.name, chip_bytes=target.chip.memory_bytes,
+                usable_bytes=target.usable_bytes, rows=rows, long_video=long_video)
+
+
+def target_table(result: dict) -> str:
+    g = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+    lines = [f"One {result['chip']} ({g(result['chip_bytes'])} GiB; programs must stay within {g(result['usable_bytes'])}):", "",
+             "| program | weights | inputs (cache, prompt, frames) | compiler temporaries | total (GiB) | fits | compile (s) "
+             "| attention kernels |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        kernels = "; ".join(f"{m}: {', '.join(compile_mode_kernel_names(k))}" for m, k in r.get("kernels", {}).items() if k) or "–"
+        lines.append(f"| {r['label']} | {g(r['params'])} | {g(r['batch'])} | {g(r.get('temporaries', 0))} | **{g(r['total'])}** "
+                     f"| {'no' if 'failure' in r else 'yes'} | {r['compile_s']:.0f} | {kernels} |")
+    long_video = result.get("long_video")
+    if long_video:
+        lines += ["", f"{long_video['hours']:g} hours at 1 keyframe per GOP: {long_video['keyframes']:,} keyframes + "
+                  f"{long_video['p_steps']:,} P steps = {long_video['visual_tokens']:,} visual tokens, {long_video['prompt_tokens']:,} "
+                  f"prompt tokens; KV cache {long_video['cache_bytes'] / 1e9:.1f} GB; prefilled in {long_video['chunks']:,} chunks of "
+                  f"{long_video['chunk_tokens']:,}: {g(long_video['total_bytes'])} GiB in all by the compiler's plan; the cache "
+                  f"that fits this chip holds {long_video['hours_that_fit']:.1f} hours."]
+    return "\n".join(lines)
+
+
+def compile_mode_kernel_names(kernels: dict) -> list[str]:
+    from cope_jax.training.compile import KERNEL_NAMES
+
+    return [f"{KERNEL_NAMES[k]} x{n}" for k, n in kernels.items()]
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -385,6 +494,11 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=151936, help="(a) on the CPU: LLM vocabulary (Qwen2-0.5B: 151936)")
     p.add_argument("--flops-shapes", choices=("7b", "reduced"), default="7b",
                    help="(b) counts the LLaVA-Video-7B shapes, or the reduced CPU model of (a) (same layer options)")
+    p.add_argument("--target", help="(c) compile the 7B inference programs for one chip of this accelerator instead "
+                   "(h100-1, h200-1, v5p-8, v6e-1, ...; run it with .venv-compile/bin/python, see `make compile-env`)")
+    p.add_argument("--video-hours", type=float, default=0.0, help="(c) also the LLM prefill of a video this long at 1 "
+                   "keyframe per GOP, appended in chunks (the paper's §4.4 long-video case: 8)")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="(c) tokens appended to the cache per prefill chunk")
     p.add_argument("--json", help="also write every number to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.max_new_tokens < 1 or args.seconds <= 0:
@@ -394,6 +508,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.target:
+        return main_target(args)
     if args.device == "gpu" and args.part in ("cpu", "all"):
         require_gpu()
     print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}", flush=True)
@@ -423,5 +539,22 @@ def main(argv=None):
             json.dump(results, f, indent=1, default=float)
 
 
+def main_target(args) -> int:
+    from cope_jax import accelerators
+
+    try:
+        accelerators.parse(args.target)
+    except accelerators.TargetError as e:
+        raise SystemExit(f"error: {e}") from None
+    accelerators.compile_environment()
+    print(f"machine: {machine()}; compiling for {args.target} (no such device here)", flush=True)
+    result = part_target(args, chatml_tokenizer())
+    print("\n" + target_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=float)
+    return 1 if any("failure" in r for r in result["rows"]) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -49,6 +49,9 @@ def _common() -> ml_collections.ConfigDict:
     # One scan over each layer stack instead of unrolled layers: compile time independent of depth, FSDP
     # weights gathered per layer in the compute dtype (same results).
     c.scan_layers = False
+    # Activation remat per layer of the Δ-encoder's transformers and ResNet trunk: "none", "layer"
+    # (recompute all in the backward pass), "dots" (keep matmul outputs). The frozen tower keeps nothing.
+    c.remat = "none"
     # Mesh axis sizes; -1 takes the remaining devices. Batches split over data x fsdp; weights
     # over fsdp (and tensor) by their logical axis names.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -98,6 +101,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.log_every_steps = 50
         c.compute_dtype = "bfloat16"
         c.scan_layers = True
+        c.remat = "layer"
         c.data_workers = 8
         c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     else:

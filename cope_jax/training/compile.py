@@ -93,6 +93,7 @@ def run(config, target_name: str) -> int:
     print(header(config, target, mesh))
     rows, failure = [], None
     for program in programs:
+        print(f"[{time.strftime('%H:%M:%S')}] compiling {program.label} for {target.name} ...", file=sys.stderr, flush=True)
         # Under the mesh, kernels that run per shard (splash attention) find it.
         with jax.set_mesh(mesh) if program.on_mesh else contextlib.nullcontext():
             row = compile_program(program, target)
@@ -263,6 +264,7 @@ def pretrain_programs(config, mesh, target) -> list[Program]:
     for module in (model, tower):
         set_attention(module, config.attention, platform=target.platform)
         set_scan_layers(module, config.scan_layers)
+    set_remat(model, config.remat)
     rules = core.logical_rules(config)
     model_graph, params, rest = nnx.split(model, nnx.Param, ...)
     tower_graph, tower_state = nnx.split(tower)
@@ -277,6 +279,7 @@ def pretrain_programs(config, mesh, target) -> list[Program]:
         counting_tower = nnx.merge(tower_graph, tower_state)
         for module in (counting, counting_tower):
             set_attention(module, "xla")
+        set_remat(counting, "none")
         g, p, r = nnx.split(counting, nnx.Param, ...)
         tg, ts = nnx.split(counting_tower)
         grad = pretrain.make_functions(g, tg, tx, mesh)[-1]
@@ -348,7 +351,9 @@ def compile_program(program: Program, target) -> dict:
     row["kernels"] = attention_kernels(hlo)
     row["collectives"] = {op: len(re.findall(rf" {op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
     if program.flops is not None:
+        start = time.perf_counter()
         row["model_flops"] = program.flops()
+        row["flops_s"] = time.perf_counter() - start
     if row["total"] > target.usable_bytes:
         row["failure"] = misfit_line(program.label, row["total"], target, "the compiler's plan")
     return row
@@ -388,8 +393,8 @@ def attention_kernels(hlo: str) -> dict:
         else:
             continue
         name = re.search(r'op_name="([^"]*)"', line)
-        for component in COMPONENTS:
-            if name and f"/{component}/" in f"/{name.group(1)}/":
+        for component in COMPONENTS:  # a scope appears as "a/b", or wrapped: "jvp(b)", "transpose(jvp(b))"
+            if name and re.search(rf"(^|[/(]){component}([/)]|$)", name.group(1)):
                 found[component][kernel] = found[component].get(kernel, 0) + 1
     return found
 

@@ -20,7 +20,7 @@ from flax import nnx
 from cope_jax import checkpoints, sharding
 from cope_jax.errors import ConfigError
 from cope_jax.models.attention import IMPLEMENTATIONS, set_attention
-from cope_jax.models.common import set_scan_layers
+from cope_jax.models.common import REMAT_POLICIES, set_remat, set_scan_layers
 from cope_jax.models.cope.modeling import normalize_frames
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, DeltaPretrainer, parameter_count
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
@@ -141,6 +141,8 @@ class Stage:
             raise ConfigError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
         if config.attention not in IMPLEMENTATIONS:
             raise ConfigError(f"config.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {config.attention!r}")
+        if config.remat not in REMAT_POLICIES:
+            raise ConfigError(f"config.remat must be one of {', '.join(REMAT_POLICIES)}, got {config.remat!r}")
         self.config, self.workdir = config, workdir
         self.mesh = training.build_mesh(config)
         data_shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
@@ -164,6 +166,7 @@ class Stage:
         for module in (model, self.siglip):
             set_attention(module, config.attention)
             set_scan_layers(module, config.scan_layers)
+        set_remat(model, config.remat)
         self.encoder_parameters = parameter_count(model.delta_encoder)
         self.heads_parameters = parameter_count(model) - self.encoder_parameters
         self.model_graph, self.params, self.rest = nnx.split(model, nnx.Param, ...)

@@ -108,6 +108,8 @@ def compile_environment() -> None:
     look for TPU VM metadata (there is none)."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu locks a host's chips for one process; a deviceless compile holds none, and two may run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax  # read its environment at import, possibly before this
 
     jax.config.update("jax_platforms", "cpu")

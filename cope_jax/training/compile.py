@@ -383,8 +383,9 @@ def attention_kernels(hlo: str) -> dict:
     """{model: {kernel: custom calls}} of the fused attention kernels in compiled HLO, attributed
     to the model (language model, vision tower, Δ-encoder) by its named scope in the op metadata."""
     found = {component: {} for component in COMPONENTS}
-    for line in hlo.splitlines():
-        if "custom-call" not in line and "custom_call_target" not in line:
+    # One instruction may span lines (a Pallas kernel's attributes hold newlines): split on instruction starts.
+    for line in re.split(r"\n(?=\s*(?:ROOT\s+)?%)", hlo):
+        if "custom_call_target" not in line:
             continue
         if "__cudnn$fmha" in line:
             kernel = "cudnn"

@@ -368,9 +368,13 @@ def out_of_memory(message: str) -> int | None:
 
 def misfit_line(label: str, needed: int, target, source: str) -> str:
     reserve = (f" + {target.reserve_bytes / GiB:.0f} GiB for workspaces no plan counts" if target.reserve_bytes else "")
+    if "alone" in source:  # weights and optimizer state shard over fsdp: only more chips (or fewer trained weights) help
+        remedy = "take more chips, or train fewer parameters (config.frozen)"
+    else:
+        remedy = ("fewer rows per device at a time (config.grad_accum_steps=0 takes one), config.remat=layer and "
+                  "config.scan_layers=True, or more chips")
     return (f"{label} needs {needed / GiB:.1f} GiB per device{reserve}, a {target.chip.name} has "
-            f"{target.chip.memory_bytes / GiB:.1f} ({source}, {target.name}); fewer rows per device at a time "
-            f"(config.grad_accum_steps=0 takes one), set config.remat=layer and config.scan_layers=True, or take more chips")
+            f"{target.chip.memory_bytes / GiB:.1f} ({source}, {target.name}): {remedy}")
 
 
 # ---------------------------------------------------------------------------- what the HLO shows
@@ -381,8 +385,9 @@ KERNEL_NAMES = {"cudnn": "cuDNN fused attention", "splash": "Pallas splash atten
 
 def attention_kernels(hlo: str) -> dict:
     """{model: {kernel: custom calls}} of the fused attention kernels in compiled HLO, attributed
-    to the model (language model, vision tower, Δ-encoder) by its named scope in the op metadata."""
-    found = {component: {} for component in COMPONENTS}
+    to the model (language model, vision tower, Δ-encoder) by its named scope in the op metadata;
+    models the program does not run are left out."""
+    found = {component: {} for component in COMPONENTS if re.search(rf'[/("]{component}[/)"]', hlo)}
     # One instruction may span lines (a Pallas kernel's attributes hold newlines): split on instruction starts.
     for line in re.split(r"\n(?=\s*(?:ROOT\s+)?%)", hlo):
         if "custom_call_target" not in line:
@@ -394,7 +399,7 @@ def attention_kernels(hlo: str) -> dict:
         else:
             continue
         name = re.search(r'op_name="([^"]*)"', line)
-        for component in COMPONENTS:  # a scope appears as "a/b", or wrapped: "jvp(b)", "transpose(jvp(b))"
+        for component in found:  # a scope appears as "a/b", or wrapped: "jvp(b)", "transpose(jvp(b))"
             if name and re.search(rf"(^|[/(]){component}([/)]|$)", name.group(1)):
                 found[component][kernel] = found[component].get(kernel, 0) + 1
     return found

@@ -344,7 +344,7 @@ def compile_program(program: Program, target) -> dict:
         return row
     row["compile_s"] = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    row["temporaries"] = memory.temp_size_in_bytes
+    row["temporaries"], row["arguments"] = memory.temp_size_in_bytes, memory.argument_size_in_bytes
     row["total"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                     + memory.temp_size_in_bytes)
     hlo = compiled.as_text()

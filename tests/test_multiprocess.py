@@ -88,11 +88,12 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_in_one(t
 
 def start(process_id: int, workdir: str, *flags: str, port: int) -> subprocess.Popen:
     """One process of a 2-process stage-1 run; its stderr goes to <workdir>.stderr<id> (a pipe
-    nobody reads could fill and block it)."""
+    nobody reads could fill and block it). Heartbeats may pause 30 s: with the cores busy (a
+    compile beside the suite), 10 s once declared both healthy processes dead during start-up."""
     stderr = open(f"{workdir}.stderr{process_id}", "w")
     return subprocess.Popen([sys.executable, "-m", "cope_jax.main", *PRETRAIN, f"--workdir={workdir}",
                              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
-                             "--heartbeat_timeout=10", "--watchdog=60", "--init_timeout=60", *flags],
+                             "--heartbeat_timeout=30", "--watchdog=60", "--init_timeout=60", *flags],
                             cwd=REPO, env=environment(1), stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 

@@ -371,6 +371,7 @@ def part_target(args, tokenizer) -> dict:
     over its P steps, the LLM prefill of the whole prompt and one decode step, bf16 weights, the
     platform's attention kernels; with --video-hours, the long video's LLM prefill appended
     --chunk-tokens at a time to a cache that holds all of it (`generation.append_chunk`)."""
+    # Here, not at the top: only --target needs them, and they belong after compile_environment().
     from cope_jax import accelerators
     from cope_jax.inference import generation
     from cope_jax.training import compile as compile_mode

@@ -371,8 +371,8 @@ def misfit_line(label: str, needed: int, target, source: str) -> str:
     if "alone" in source:  # weights and optimizer state shard over fsdp: only more chips (or fewer trained weights) help
         remedy = "take more chips, or train fewer parameters (config.frozen)"
     else:
-        remedy = ("fewer rows per device at a time (config.grad_accum_steps=0 takes one), config.remat=layer and "
-                  "config.scan_layers=True, or more chips")
+        remedy = ("fewer rows per device at a time (stage 2: config.grad_accum_steps=0 takes one; stage 1: a smaller "
+                  "config.batch_size), config.remat=layer and config.scan_layers=True, or more chips")
     return (f"{label} needs {needed / GiB:.1f} GiB per device{reserve}, a {target.chip.name} has "
             f"{target.chip.memory_bytes / GiB:.1f} ({source}, {target.name}): {remedy}")
 

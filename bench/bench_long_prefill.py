@@ -49,8 +49,8 @@ def measure_prefill(path: str, length: int, layers: int, budget_gib: float) -> d
     import jax.numpy as jnp
     from flax import nnx
 
-    from cope_jax.models.attention import set_attention
-    from cope_jax.models.qwen2.modeling import KVCache, Qwen2ForCausalLM
+    from cope_jax.models.attention import set_attention  # lazy, like jax above: only the measured child process loads them (its RSS is the figure)
+    from cope_jax.models.qwen2.modeling import KVCache, Qwen2ForCausalLM  # (same reason)
 
     config = qwen2_config(layers)
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
@@ -88,7 +88,7 @@ def measure_attention(length: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from cope_jax.models.attention import causal_attention
+    from cope_jax.models.attention import causal_attention  # lazy, like jax above: only the measured child process loads them (its RSS is the figure)
 
     q = jax.random.normal(jax.random.key(0), (1, length, 14, 64))
     k, v = (jax.random.normal(jax.random.key(i), (1, length, 2, 64)) for i in (1, 2))

@@ -51,7 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine  # noqa: E402
-from cope_jax import inference  # noqa: E402
+from cope_jax import accelerators, inference  # noqa: E402
+from cope_jax.inference import generation  # noqa: E402
 from cope_jax.inference.generation import SamplingConfig  # noqa: E402
 from cope_jax.inference import prompt as prompts  # noqa: E402
 from cope_jax.models.common import parameter_count  # noqa: E402
@@ -60,6 +61,7 @@ from cope_jax.models.attention import set_attention  # noqa: E402
 from cope_jax.models.qwen2.modeling import KVCache, Qwen2Config  # noqa: E402
 from cope_jax.models.siglip.modeling import SiglipVisionConfig  # noqa: E402
 from cope_jax.tokenizer import chatml_tokenizer  # noqa: E402
+from cope_jax.training import compile as compile_mode  # noqa: E402 - starts no backend: --target sets it up first
 from data_pipeline import codec, synthetic  # noqa: E402
 
 QUESTION = "What happens in the video? Describe the motion."
@@ -371,18 +373,13 @@ def part_target(args, tokenizer) -> dict:
     over its P steps, the LLM prefill of the whole prompt and one decode step, bf16 weights, the
     platform's attention kernels; with --video-hours, the long video's LLM prefill appended
     --chunk-tokens at a time to a cache that holds all of it (`generation.append_chunk`)."""
-    # Here, not at the top: only --target needs them, and they belong after compile_environment().
-    from cope_jax import accelerators
-    from cope_jax.inference import generation
-    from cope_jax.training import compile as compile_mode
-
     target = accelerators.parse(args.target)
-    one = jax.sharding.SingleDeviceSharding(accelerators.devices(target)[0])
+    device = accelerators.devices(target)[0]
     config = CoPEConfig.llava_video_7b()
     dtype = jnp.bfloat16
     model = nnx.eval_shape(lambda: CoPEVideoLM(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     set_attention(model, "auto", platform=target.platform)
-    on_chip = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)  # noqa: E731
+    on_chip = lambda tree: compile_mode.on_device(tree, device)  # noqa: E731
     spec = lambda shape, dt: on_chip(jax.ShapeDtypeStruct(shape, dt))  # noqa: E731
     graph, state = nnx.split(model)
     state = on_chip(state)
@@ -469,9 +466,7 @@ def target_table(result: dict) -> str:
 
 
 def compile_mode_kernel_names(kernels: dict) -> list[str]:
-    from cope_jax.training.compile import KERNEL_NAMES
-
-    return [f"{KERNEL_NAMES[k]} x{n}" for k, n in kernels.items()]
+    return [f"{compile_mode.KERNEL_NAMES[k]} x{n}" for k, n in kernels.items()]
 
 
 # ---------------------------------------------------------------------------- main
@@ -543,8 +538,6 @@ def main(argv=None):
 
 
 def main_target(args) -> int:
-    from cope_jax import accelerators
-
     try:
         accelerators.parse(args.target)
     except accelerators.TargetError as e:

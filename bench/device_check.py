@@ -31,7 +31,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cope_jax.models.attention import causal_attention, encoder_attention  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import finetune as finetune_configs  # noqa: E402
+from cope_jax.models.attention import causal_attention, encoder_attention, set_attention  # noqa: E402
+from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM  # noqa: E402
+from cope_jax.training import finetune  # noqa: E402
 
 BF16_TOLERANCE = 2e-2  # relative, on values of order 1: bf16 carries 8 bits of mantissa
 
@@ -69,13 +74,6 @@ def attention_check(gpu) -> dict:
 
 def train_steps_check(gpu, steps: int = 3) -> dict:
     """The same stage-2 steps (reduced model, bf16, fixed batch) on the GPU and on the CPU."""
-    from flax import nnx
-
-    from configs import finetune as finetune_configs
-    from cope_jax.models.attention import set_attention
-    from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
-    from cope_jax.training import finetune
-
     model_config = CoPEConfig.tiny()
     config = finetune_configs.get_config("tiny")
     with config.unlocked():

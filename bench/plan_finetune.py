@@ -93,7 +93,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -106,6 +105,7 @@ from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM  # noqa: E402
 from cope_jax.models.attention import set_attention  # noqa: E402
 from cope_jax.models.common import set_remat  # noqa: E402
 from cope_jax.training import core, finetune  # noqa: E402
+from cope_jax.training.compile import optimizer_state, per_device_bytes  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,25 +147,6 @@ def place(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def optimizer_state(tx, params, mesh):
-    """Abstract AdamW state: each moment takes its parameter's sharding (matched by tree path, since
-    optax.multi_transform masks other groups' leaves), scalars are replicated."""
-    state = jax.eval_shape(tx.init, params)
-    by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def follow(path, leaf):
-        for start in range(len(path)):
-            param = by_path.get(tuple(path[start:]))
-            if param is not None and param.shape == leaf.shape:
-                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=param.sharding)
-        if leaf.ndim:
-            raise ValueError(f"optimizer state {jax.tree_util.keystr(path)} {leaf.shape} matches no parameter")
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
-
-    return jax.tree_util.tree_map_with_path(follow, state)
-
-
 def batch_structs(shape: Shape, size: int, rows: int, sharding=None) -> dict:
     """The batch dict a train step takes (`instruct.InstructSource` layout), `rows` rows."""
     def s(dims, dtype):
@@ -177,11 +158,6 @@ def batch_structs(shape: Shape, size: int, rows: int, sharding=None) -> dict:
             "mv": s((shape.p_steps, size, size, 2), jnp.float32),
             "residual": s((shape.p_steps, size, size, 3), jnp.int16),
             "token_source": s((shape.visual_tokens,), jnp.int32)}
-
-
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def gathered_outside_loops(hlo_text: str) -> int:

@@ -320,7 +320,7 @@ def main(argv) -> None:
 def compile_for_target(config, target: str | None) -> int:
     """--mode=compile: 0 when every program fits the target, 1 (one line) when one does not."""
     # Imported here, as in main(): nothing may start a JAX backend before compile_environment().
-    from cope_jax import accelerators
+    from cope_jax import accelerators  # lazy, as in main(): nothing may start a JAX backend first
 
     if not target:
         _usage_error(f"--mode=compile needs --target, one of: {accelerators.FORMS}")
@@ -330,8 +330,8 @@ def compile_for_target(config, target: str | None) -> int:
         _usage_error(str(e))
     accelerators.compile_environment()  # before anything starts a JAX backend
     _quiet_library_logs()
-    from cope_jax.errors import UserError
-    from cope_jax.training import compile as compile_mode
+    from cope_jax.errors import UserError  # lazy, as in main()
+    from cope_jax.training import compile as compile_mode  # lazy: imports the models, after compile_environment()
 
     try:
         return compile_mode.run(config, target)

@@ -193,8 +193,7 @@ def chat_programs(model_config: CoPEConfig, config, device, target) -> list[Prog
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config.text, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     set_attention(model, config.attention, platform=target.platform)
     graph, state = nnx.split(model)
-    one = jax.sharding.SingleDeviceSharding(device)
-    on_chip = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)  # noqa: E731
+    on_chip = lambda tree: on_device(tree, device)  # noqa: E731
     length = config.max_seq_len
     cache = on_chip(jax.eval_shape(lambda: KVCache.init(model_config.text, 1, length + 1, dtype)))
     state = on_chip(state)
@@ -312,6 +311,12 @@ def optimizer_state(tx, params, mesh):
     shardings = core.optimizer_state_shardings(tx, params, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         jax.eval_shape(tx.init, params), shardings)
+
+
+def on_device(tree, device):
+    """Abstract arrays -> the same on one device (a program that runs on one chip of the target)."""
+    one = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)
 
 
 def per_device_bytes(tree) -> int:

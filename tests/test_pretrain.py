@@ -133,8 +133,32 @@ def test_step_on_8_devices_equals_1_device(data_dir, tmp_path):
         np.testing.assert_allclose(b, a, atol=1e-5 * max(np.abs(a).max(), 1e-3))
 
 
+def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
+    """Four micro-batches of 2 pairs give the 8-pair step's loss, gradient norm and gradients."""
+    metrics_by_steps = []
+    for accumulation in (1, 4):
+        stage = pretrain.Stage(tiny_config(data_dir, grad_accum_steps=accumulation), str(tmp_path / str(accumulation)))
+        local = next(iter(stage.loader))
+        if accumulation == 4:  # the summed gradients themselves (an Adam update of float-noise gradients is noise)
+            batch = training.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
+            _, grads = stage.loss_and_grad(stage.params, stage.rest, stage.siglip_state, batch)
+            _, summed = jax.jit(lambda p: training.accumulate_gradients(
+                stage.loss_and_grad, p, (stage.rest, stage.siglip_state), batch, 4))(stage.params)
+            grads, summed = ([np.asarray(x) for x in jax.tree.leaves(g)] for g in (grads, summed))
+            scale = max(np.abs(a).max() for a in grads)
+            for a, b in zip(grads, summed):
+                np.testing.assert_allclose(b / 4, a, atol=1e-5 * scale)
+        metrics_by_steps.append(stage.step(stage.params, stage.tx.init(stage.params), local)[2])
+    for name in ("loss", "copy_loss", "grad_norm"):
+        assert float(metrics_by_steps[1][name]) == pytest.approx(float(metrics_by_steps[0][name]), rel=1e-5), name
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"batch_size": 0}, "config.batch_size must be > 0"),
+    ({"grad_accum_steps": 0}, "config.grad_accum_steps must be an integer >= 1"),
+    ({"grad_accum_steps": 3}, "not divisible by config.grad_accum_steps 3"),
+    ({"batch_size": 8, "grad_accum_steps": 4, "mesh": {"data": 4, "fsdp": 1, "tensor": 1}},
+     "config.batch_size / config.grad_accum_steps = 2 is not divisible by the data x fsdp devices"),
     ({"batch_size": 6, "mesh": {"data": 4, "fsdp": 1, "tensor": 1}}, "not divisible"),
     ({"siglip_checkpoint": "/nonexistent/siglip"}, "config.siglip_checkpoint /nonexistent/siglip: no such directory"),
     ({"resnet_checkpoint": "/nonexistent/resnet"}, "config.resnet_checkpoint /nonexistent/resnet: no such directory"),

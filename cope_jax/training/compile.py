@@ -249,9 +249,7 @@ def _finetune_flops(graph, params, frozen, rest, micro: dict, config, model_conf
 
 def pretrain_programs(config, mesh, target) -> list[Program]:
     core.check_positive(config, "batch_size", "total_steps", "learning_rate")
-    rows = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    if config.batch_size % rows:
-        raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by the data x fsdp devices ({rows})")
+    pretrain.check_accumulation(config, mesh)
     compute = jnp.dtype(config.compute_dtype)
     model_config = pretrain.delta_config(config)
     try:
@@ -270,7 +268,7 @@ def pretrain_programs(config, mesh, target) -> list[Program]:
     params, rest, tower_state = (place(t, mesh, rules) for t in (params, rest, tower_state))
     tx, _ = core.make_optimizer(config)
     opt_state = optimizer_state(tx, params, mesh)
-    train_step, *_, loss_and_grad = pretrain.make_functions(model_graph, tower_graph, tx, mesh)
+    train_step, *_ = pretrain.make_functions(model_graph, tower_graph, tx, mesh, config.grad_accum_steps)
     batch = stage1_batch(config.batch_size, model_config.image_size, core.batch_sharding(mesh))
 
     def flops() -> float:
@@ -376,8 +374,8 @@ def misfit_line(label: str, needed: int, target, source: str) -> str:
     if "alone" in source:  # weights and optimizer state shard over fsdp: only more chips (or fewer trained weights) help
         remedy = "take more chips, or train fewer parameters (config.frozen)"
     else:
-        remedy = ("fewer rows per device at a time (stage 2: config.grad_accum_steps=0 takes one; stage 1: a smaller "
-                  "config.batch_size), config.remat=layer and config.scan_layers=True, or more chips")
+        remedy = ("fewer rows per device at a time (stage 2: config.grad_accum_steps=0 takes one; stage 1: a larger "
+                  "config.grad_accum_steps), config.remat=layer and config.scan_layers=True, or more chips")
     return (f"{label} needs {needed / GiB:.1f} GiB per device{reserve}, a {target.chip.name} has "
             f"{target.chip.memory_bytes / GiB:.1f} ({source}, {target.name}): {remedy}")
 
@@ -455,11 +453,10 @@ def header(config, target, mesh) -> str:
              f"({target.chip.memory_bytes / GiB:.1f} GiB, {target.chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 each, "
              f"{hosts} host{'s' * (hosts > 1)}); mesh {mesh_text}; compute {config.compute_dtype}, remat "
              f"{config.get('remat', 'none')}, scan_layers {config.scan_layers}, attention {config.attention}"]
-    if config.stage == "finetune":
-        accumulation = finetune.with_accumulation(config, mesh).grad_accum_steps
-        lines.append(f"global batch {config.batch_size} in {accumulation} micro-batches = "
-                     f"{config.batch_size // accumulation // math.prod(mesh.shape[a] for a in ('data', 'fsdp'))} "
-                     "row(s) per device at a time")
+    accumulation = (finetune.with_accumulation(config, mesh) if config.stage == "finetune" else config).grad_accum_steps
+    lines.append(f"global batch {config.batch_size} in {accumulation} micro-batch{'es' * (accumulation > 1)} = "
+                 f"{config.batch_size // accumulation // math.prod(mesh.shape[a] for a in ('data', 'fsdp'))} "
+                 f"{'row(s)' if config.stage == 'finetune' else 'pairs'} per device at a time")
     if target.reserve_bytes:
         lines.append(f"fits: total + {target.reserve_bytes / GiB:.0f} GiB (cuDNN/NCCL workspaces, CUDA context) <= "
                      f"{target.chip.memory_bytes / GiB:.1f} GiB; run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -63,6 +64,38 @@ def global_batch(local: dict, mesh) -> dict:
     """This process's slice of the batch -> global arrays split over data x fsdp."""
     target = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in local.items()}
+
+
+def accumulate_gradients(grad_fn, params, args: tuple, batch: dict, steps: int):
+    """grad_fn(params, *args, micro_batch) -> (values, gradients), summed over `steps` micro-batches
+    of `batch` in one scan (each stage turns the sums into its mean).
+
+    Micro-batch a takes rows a, a+A, a+2A, ...: each device's contiguous rows hold every
+    micro-batch, so the split needs no data movement. Each step indexes its rows in place (a
+    transposed copy of the batch would be one more batch per device)."""
+    grouped = jax.tree.map(lambda x: x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), batch)
+
+    def micro_batch(a):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, a, axis=1, keepdims=False), grouped)
+
+    def accumulate(sums, a):
+        return jax.tree.map(jnp.add, sums, grad_fn(params, *args, micro_batch(a))), None
+
+    values = jax.eval_shape(lambda: grad_fn(params, *args, micro_batch(0))[0])
+    # Gradients start as zeros_like(params), so the accumulator takes the parameters' sharding.
+    zeros = (jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), values), jax.tree.map(jnp.zeros_like, params))
+    return jax.lax.scan(accumulate, zeros, jnp.arange(steps))[0]
+
+
+def check_accumulation(config, mesh) -> None:
+    """config.batch_size splits into config.grad_accum_steps micro-batches over the data x fsdp devices."""
+    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    steps = config.grad_accum_steps
+    if config.batch_size % steps:
+        raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by config.grad_accum_steps {steps}")
+    if (config.batch_size // steps) % shards:
+        raise ConfigError(f"config.batch_size / config.grad_accum_steps = {config.batch_size // steps} "
+                          f"is not divisible by the data x fsdp devices ({shards})")
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

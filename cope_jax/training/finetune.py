@@ -102,9 +102,7 @@ def with_accumulation(config, mesh):
         config = config.copy_and_resolve_references()
         with config.unlocked():
             config.grad_accum_steps = config.batch_size // shards
-    if (config.batch_size // config.grad_accum_steps) % shards:
-        raise ConfigError(f"config.batch_size / config.grad_accum_steps = {config.batch_size // config.grad_accum_steps} "
-                          f"is not divisible by the data x fsdp devices ({shards})")
+    core.check_accumulation(config, mesh)
     return config
 
 
@@ -291,20 +289,7 @@ def make_functions(graph, tx, config):
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(params, opt_state, frozen, rest, batch):
-        # Micro-batch a takes rows a, a+A, a+2A, ...: each device's contiguous rows hold every
-        # micro-batch, so the split needs no data movement. Each step indexes its rows in place (a
-        # transposed copy of the batch would be one more batch per device).
-        grouped = jax.tree.map(lambda x: x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]), batch)
-
-        def accumulate(carry, a):
-            grads, total, count = carry
-            mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, a, axis=1, keepdims=False), grouped)
-            (loss, n), g = grad_fn(params, frozen, rest, mb)
-            return (jax.tree.map(jnp.add, grads, g), total + loss, count + n), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
-                                                jnp.arange(accumulation))
+        (total, count), grads = core.accumulate_gradients(grad_fn, params, (frozen, rest), batch, accumulation)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)  # the token mean over the whole global batch
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -98,8 +98,9 @@ def prepare_data(config, workdir: str) -> str:
     return data_dir
 
 
-def make_functions(model_graph, siglip_graph, tx, mesh):
-    """Jitted train step, SigLIP tokens and predictions; graphdefs are static (closed over)."""
+def make_functions(model_graph, siglip_graph, tx, mesh, accumulation: int = 1):
+    """Jitted train step (over `accumulation` equal micro-batches), SigLIP tokens and predictions;
+    graphdefs are static (closed over)."""
 
     def loss_fn(params, rest, siglip_state, batch):
         model = nnx.merge(model_graph, params, rest)
@@ -111,8 +112,13 @@ def make_functions(model_graph, siglip_graph, tx, mesh):
         copy_loss = jnp.mean((prev_tokens.astype(jnp.float32) - target) ** 2)
         return jnp.mean((predicted - target) ** 2), copy_loss
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
     def train_step(params, opt_state, rest, siglip_state, batch):
-        (loss, copy_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, siglip_state, batch)
+        # Equal micro-batches: the mean of their means is the batch's mean.
+        (loss, copy_loss), grads = jax.tree.map(
+            lambda total: total / accumulation,
+            training.accumulate_gradients(grad_fn, params, (rest, siglip_state), batch, accumulation))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
         return params, opt_state, {"loss": loss, "copy_loss": copy_loss, "grad_norm": optax.tree.norm(grads)}
@@ -128,7 +134,13 @@ def make_functions(model_graph, siglip_graph, tx, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(siglip_tokens, out_shardings=replicated),
             jax.jit(predict, out_shardings=replicated),
-            jax.jit(jax.value_and_grad(loss_fn, has_aux=True)))
+            jax.jit(grad_fn))
+
+
+def check_accumulation(config, mesh) -> None:
+    if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
+        raise ConfigError(f"config.grad_accum_steps must be an integer >= 1, got {config.grad_accum_steps!r}")
+    training.check_accumulation(config, mesh)
 
 
 class Stage:
@@ -145,9 +157,7 @@ class Stage:
             raise ConfigError(f"config.remat must be one of {', '.join(REMAT_POLICIES)}, got {config.remat!r}")
         self.config, self.workdir = config, workdir
         self.mesh = training.build_mesh(config)
-        data_shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
-        if config.batch_size % data_shards:
-            raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by the data x fsdp devices ({data_shards})")
+        check_accumulation(config, self.mesh)
         compute = jnp.dtype(config.compute_dtype)
         model_config = delta_config(config)
         self.siglip = build_siglip(config, compute, mesh=self.mesh)
@@ -173,7 +183,7 @@ class Stage:
         self.siglip_graph, self.siglip_state = nnx.split(self.siglip)
         self.tx, self.schedule = training.make_optimizer(config)
         self.train_step, self.siglip_tokens, self.predict, self.loss_and_grad = make_functions(
-            self.model_graph, self.siglip_graph, self.tx, self.mesh)
+            self.model_graph, self.siglip_graph, self.tx, self.mesh, config.grad_accum_steps)
         self.loader = loaders.pair_loader(self.source, global_batch_size=config.batch_size, seed=config.seed,
                                           workers=config.data_workers, process_index=jax.process_index(),
                                           process_count=jax.process_count())

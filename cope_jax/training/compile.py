@@ -13,9 +13,11 @@ step (counted on the program's jaxpr) and the throughput per chip that 45% MFU m
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import sys
 import time
@@ -53,6 +55,9 @@ DEMO_PREPROCESSING = codec.Settings(gop=120, fusion=10)  # the built-in demo cli
 # some of the tower's projections ("Couldn't find output tile sizes"): cuBLAS takes every GEMM.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 COMPONENTS = (LLM_SCOPE, TOWER_SCOPE, DELTA_SCOPE)
+# Host memory one compile may take: two 7B programs for h100-8 at once peaked at 4.9 GB (RSS);
+# kept generous for TPU slices of many chips.
+HOST_BYTES_PER_COMPILE = 6 * GiB
 
 
 @dataclasses.dataclass
@@ -91,21 +96,52 @@ def run(config, target_name: str) -> int:
     mesh = build_mesh(config, devices)
     programs = stage_programs(config, mesh, target)
     print(header(config, target, mesh))
+    start = time.perf_counter()
     rows, failure = [], None
-    for program in programs:
-        print(f"[{time.strftime('%H:%M:%S')}] compiling {program.label} for {target.name} ...", file=sys.stderr, flush=True)
-        # Under the mesh, kernels that run per shard (splash attention) find it.
-        with jax.set_mesh(mesh) if program.on_mesh else contextlib.nullcontext():
-            row = compile_program(program, target)
+    for row in compile_all(programs, mesh, target):
         rows.append(row)
         print(format_row(row, target), flush=True)
         failure = failure or row.get("failure")
     print(format_kernels(rows))
     print(format_flops(rows, target))
+    print(f"\n{len(rows)} programs compiled for {target.name} in {time.perf_counter() - start:.0f} s "
+          f"({compile_workers(len(programs))} at a time)")
     if failure:
         print(f"error: {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def compile_workers(programs: int) -> int:
+    """Programs compiled at once: the compilers' passes are mostly single-threaded, so a core each,
+    as host memory allows (HOST_BYTES_PER_COMPILE each, measured on the 7B programs)."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = HOST_BYTES_PER_COMPILE
+    return max(1, min(programs, os.cpu_count() or 1, available // HOST_BYTES_PER_COMPILE))
+
+
+def compile_all(programs: list[Program], mesh, target):
+    """Rows in program order (mesh None: programs on one chip). Each program is lowered here, in turn (tracing is not thread-safe;
+    under the mesh, kernels that run per shard, splash attention, find it), and compiled on a thread
+    pool: the compilers release the GIL."""
+    def lowered(program):
+        print(f"[{time.strftime('%H:%M:%S')}] compiling {program.label} for {target.name} ...", file=sys.stderr, flush=True)
+        if too_large(program, target):
+            return None
+        with jax.set_mesh(mesh) if program.on_mesh and mesh is not None else contextlib.nullcontext():
+            return program.lower()
+
+    with concurrent.futures.ThreadPoolExecutor(compile_workers(len(programs))) as pool:
+        futures = [pool.submit(compile_program, program, lowered(program), target) for program in programs]
+        for program, future in zip(programs, futures):
+            row = future.result()
+            if program.flops is not None and "total" in row and "kernels" in row:
+                start = time.perf_counter()
+                row["model_flops"] = program.flops()  # traced here, not on the pool
+                row["flops_s"] = time.perf_counter() - start
+            yield row
 
 
 def build_mesh(config, devices) -> jax.sharding.Mesh:
@@ -325,19 +361,24 @@ def per_device_bytes(tree) -> int:
 # ---------------------------------------------------------------------------- compiling
 
 
-def compile_program(program: Program, target) -> dict:
+def too_large(program: Program, target) -> bool:
+    """No compiler needed to know: the arguments alone exceed the chip (a 7B model on one 16 GB chip)."""
+    return program.parameters + program.optimizer_state + program.batch > target.usable_bytes
+
+
+def compile_program(program: Program, lowered, target) -> dict:
     row = {"label": program.label, "params": program.parameters, "opt_state": program.optimizer_state,
            "batch": program.batch, "gradients": program.gradients, "items": program.items,
            "item_name": program.item_name}
-    arguments = program.parameters + program.optimizer_state + program.batch
-    if arguments > target.usable_bytes:  # no compiler needed to know (a 7B model on one 16 GB chip)
+    if lowered is None:  # too_large
+        arguments = program.parameters + program.optimizer_state + program.batch
         row["total"], row["compile_s"] = arguments, 0.0
         row["failure"] = misfit_line(program.label, arguments, target, "its weights, optimizer state and batch alone")
         return row
     start = time.perf_counter()
     options = GPU_COMPILER_OPTIONS if target.platform == "gpu" else None
     try:
-        compiled = program.lower().compile(compiler_options=options)
+        compiled = lowered.compile(compiler_options=options)
     except Exception as e:  # noqa: BLE001 - the TPU compiler reports out of memory as an error
         row["compile_s"] = time.perf_counter() - start
         needed = out_of_memory(str(e))
@@ -353,10 +394,6 @@ def compile_program(program: Program, target) -> dict:
     hlo = compiled.as_text()
     row["kernels"] = attention_kernels(hlo)
     row["collectives"] = {op: len(re.findall(rf" {op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
-    if program.flops is not None:
-        start = time.perf_counter()
-        row["model_flops"] = program.flops()
-        row["flops_s"] = time.perf_counter() - start
     if row["total"] > target.usable_bytes:
         row["failure"] = misfit_line(program.label, row["total"], target, "the compiler's plan")
     return row

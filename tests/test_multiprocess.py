@@ -134,10 +134,14 @@ def test_a_killed_peer_stops_the_other_with_one_line(tmp_path):
 
 def test_processes_that_disagree_or_never_arrive_say_so(tmp_path):
     port, workdir = free_port(), str(tmp_path / "work")
-    first, second = start(0, workdir, port=port), start(1, workdir, "--config.batch_size=16", port=port)
+    # Both arrive, so a generous limit costs nothing: with the cores and memory busy (two TPU compiles
+    # beside the suite) process 0 once took over 60 s from joining to reporting its command.
+    patient = "--init_timeout=300"
+    first = start(0, workdir, patient, port=port)
+    second = start(1, workdir, patient, "--config.batch_size=16", port=port)
     try:
         for process in (first, second):
-            process.communicate(timeout=180)
+            process.communicate(timeout=420)
     finally:
         for process in (first, second):
             process.kill()

@@ -55,9 +55,10 @@ DEMO_PREPROCESSING = codec.Settings(gop=120, fusion=10)  # the built-in demo cli
 # some of the tower's projections ("Couldn't find output tile sizes"): cuBLAS takes every GEMM.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 COMPONENTS = (LLM_SCOPE, TOWER_SCOPE, DELTA_SCOPE)
-# Host memory one compile may take (RSS measured with two 7B programs at once: 4.9 GB for h100-8,
-# 12.6 GB for v6e-64).
-HOST_BYTES_PER_COMPILE = 7 * GiB
+# Host memory one compile takes grows with the devices it partitions for: two 7B programs at once
+# peaked at 4.9 GB (RSS) for h100-8 and at 20.4 GB for v6e-64 (its 16,384 program beside chat's).
+HOST_BYTES_PER_COMPILE = 2 * GiB
+HOST_BYTES_PER_COMPILE_DEVICE = GiB * 3 // 20
 
 
 @dataclasses.dataclass
@@ -96,33 +97,34 @@ def run(config, target_name: str) -> int:
     mesh = build_mesh(config, devices)
     programs = stage_programs(config, mesh, target)
     print(header(config, target, mesh))
-    start = time.perf_counter()
+    start, workers = time.perf_counter(), compile_workers(len(programs), mesh.devices.size)
     rows, failure = [], None
-    for row in compile_all(programs, mesh, target):
+    for row in compile_all(programs, mesh, target, workers):
         rows.append(row)
         print(format_row(row, target), flush=True)
         failure = failure or row.get("failure")
     print(format_kernels(rows))
     print(format_flops(rows, target))
     print(f"\n{len(rows)} programs compiled for {target.name} in {time.perf_counter() - start:.0f} s "
-          f"({compile_workers(len(programs))} at a time)")
+          f"({workers} at a time)")
     if failure:
         print(f"error: {failure}", file=sys.stderr)
         return 1
     return 0
 
 
-def compile_workers(programs: int) -> int:
+def compile_workers(programs: int, devices: int) -> int:
     """Programs compiled at once: the compilers' passes are mostly single-threaded, so a core each,
-    as host memory allows (HOST_BYTES_PER_COMPILE each, measured on the 7B programs)."""
+    as host memory allows (HOST_BYTES_PER_COMPILE + HOST_BYTES_PER_COMPILE_DEVICE per device each)."""
+    each = HOST_BYTES_PER_COMPILE + HOST_BYTES_PER_COMPILE_DEVICE * devices
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        available = HOST_BYTES_PER_COMPILE
-    return max(1, min(programs, os.cpu_count() or 1, available // HOST_BYTES_PER_COMPILE))
+        available = each
+    return max(1, min(programs, os.cpu_count() or 1, available // each))
 
 
-def compile_all(programs: list[Program], mesh, target):
+def compile_all(programs: list[Program], mesh, target, workers: int):
     """Rows in program order (mesh None: programs on one chip). Each program is lowered here, in
     turn (tracing is not thread-safe; under the mesh, kernels that run per shard, splash attention,
     find it), and compiled on a thread pool: the compilers release the GIL."""
@@ -133,7 +135,7 @@ def compile_all(programs: list[Program], mesh, target):
         with jax.set_mesh(mesh) if program.on_mesh and mesh is not None else contextlib.nullcontext():
             return program.lower()
 
-    with concurrent.futures.ThreadPoolExecutor(compile_workers(len(programs))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(compile_program, program, lowered(program), target) for program in programs]
         for program, future in zip(programs, futures):
             row = future.result()

@@ -432,7 +432,7 @@ def part_target(args, tokenizer) -> dict:
             f"{args.video_hours:g} h video, 1 kf/GOP: prefill chunk of {args.chunk_tokens:,} into a {chunks * args.chunk_tokens:,}-slot cache",
             lambda: generation.append_chunk.lower(lm_graph, lm_state, embeds, mask, cache),
             compile_mode.per_device_bytes(lm_state), 0, cache_bytes + compile_mode.per_device_bytes(embeds)))
-    rows = list(compile_mode.compile_all(programs, None, target, compile_mode.compile_workers(len(programs), 1)))
+    rows = list(compile_mode.compile_all(programs, None, target, compile_mode.compile_workers(len(programs), target.platform)))
     if long_video:
         row = rows[-1]
         fixed = row["total"] - long_video["cache_bytes"]  # weights, one chunk's working memory

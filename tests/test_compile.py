@@ -156,6 +156,21 @@ def test_flop_count_sees_products_loops_and_convolutions():
     assert compile_mode.jaxpr_flops(jax.grad(lambda w: (x @ w).sum()), w) == 2 * (2 * 8 * 16 * 32)  # x @ w, x^T dy
 
 
+def test_programs_compile_a_core_each_as_host_memory_allows(monkeypatch):
+    GiB = compile_mode.GiB
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(compile_mode, "available_host_bytes", lambda: 20 * GiB)
+    assert compile_mode.compile_workers(5, "gpu") == 5  # 3 GiB each
+    assert compile_mode.compile_workers(5, "tpu") == 1  # 14 GiB each
+    monkeypatch.setattr(compile_mode, "available_host_bytes", lambda: 1 * GiB)
+    assert compile_mode.compile_workers(5, "gpu") == 1  # never none
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(compile_mode, "available_host_bytes", lambda: 200 * GiB)
+    assert compile_mode.compile_workers(5, "tpu") == 2 and compile_mode.compile_workers(1, "tpu") == 1
+    monkeypatch.undo()  # the real one: what /proc/meminfo says is available, at most the machine's memory
+    assert 0 < compile_mode.available_host_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def test_tpu_out_of_memory_error_becomes_the_one_line():
     message = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. " \
               "Used 76.28G of 15.75G hbm. Exceeded hbm capacity by 60.53G. ... (76.28G) exceeds available HBM (15.75G)"

@@ -55,10 +55,9 @@ DEMO_PREPROCESSING = codec.Settings(gop=120, fusion=10)  # the built-in demo cli
 # some of the tower's projections ("Couldn't find output tile sizes"): cuBLAS takes every GEMM.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 COMPONENTS = (LLM_SCOPE, TOWER_SCOPE, DELTA_SCOPE)
-# Host memory one compile takes grows with the devices it partitions for: two 7B programs at once
-# peaked at 4.9 GB (RSS) for h100-8 and at 20.4 GB for v6e-64 (its 16,384 program beside chat's).
-HOST_BYTES_PER_COMPILE = 2 * GiB
-HOST_BYTES_PER_COMPILE_DEVICE = GiB * 3 // 20
+# Host memory one 7B compile may take, by platform (RSS of two programs at once: 4.9 GB for h100-8;
+# the TPU compiler's 16,384 program beside chat's prefill: 17.0 GB for v5p-16, 20.4 GB for v6e-64).
+HOST_BYTES_PER_COMPILE = {"gpu": 3 * GiB, "tpu": 14 * GiB}
 
 
 @dataclasses.dataclass
@@ -97,7 +96,7 @@ def run(config, target_name: str) -> int:
     mesh = build_mesh(config, devices)
     programs = stage_programs(config, mesh, target)
     print(header(config, target, mesh))
-    start, workers = time.perf_counter(), compile_workers(len(programs), mesh.devices.size)
+    start, workers = time.perf_counter(), compile_workers(len(programs), target.platform)
     rows, failure = [], None
     for row in compile_all(programs, mesh, target, workers):
         rows.append(row)
@@ -113,15 +112,19 @@ def run(config, target_name: str) -> int:
     return 0
 
 
-def compile_workers(programs: int, devices: int) -> int:
+def compile_workers(programs: int, platform: str) -> int:
     """Programs compiled at once: the compilers' passes are mostly single-threaded, so a core each,
-    as host memory allows (HOST_BYTES_PER_COMPILE + HOST_BYTES_PER_COMPILE_DEVICE per device each)."""
-    each = HOST_BYTES_PER_COMPILE + HOST_BYTES_PER_COMPILE_DEVICE * devices
+    as host memory allows (HOST_BYTES_PER_COMPILE each)."""
+    return max(1, min(programs, os.cpu_count() or 1, available_host_bytes() // HOST_BYTES_PER_COMPILE[platform]))
+
+
+def available_host_bytes() -> int:
+    """What the kernel says new allocations can take (MemAvailable: free memory and reclaimable cache)."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        available = each
-    return max(1, min(programs, os.cpu_count() or 1, available // each))
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def compile_all(programs: list[Program], mesh, target, workers: int):

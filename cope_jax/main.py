@@ -320,7 +320,7 @@ def main(argv) -> None:
 def compile_for_target(config, target: str | None) -> int:
     """--mode=compile: 0 when every program fits the target, 1 (one line) when one does not."""
     # Imported here, as in main(): nothing may start a JAX backend before compile_environment().
-    from cope_jax import accelerators  # lazy, as in main(): nothing may start a JAX backend first
+    from cope_jax import accelerators
 
     if not target:
         _usage_error(f"--mode=compile needs --target, one of: {accelerators.FORMS}")

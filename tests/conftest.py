@@ -24,6 +24,15 @@ def assert_close(actual, expected, *, rtol_to_scale: float, what: str = "") -> N
     assert error <= rtol_to_scale * scale, f"{what}: max error {error:.3g} > {rtol_to_scale} x scale {scale:.3g}"
 
 
+def assert_gradients_close(actual, expected, *, rtol_to_largest: float = 1e-5) -> None:
+    """Two gradient trees agree leaf by leaf within rtol_to_largest x the largest |expected| of the
+    whole tree: some gradients are ~0 (float noise), so each is compared to the largest, not to itself."""
+    actual, expected = ([np.asarray(x) for x in jax.tree.leaves(tree)] for tree in (actual, expected))
+    scale = max(np.abs(e).max() for e in expected)
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(a, e, atol=rtol_to_largest * scale)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

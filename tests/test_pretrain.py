@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import killed_run_script
+from conftest import assert_gradients_close, killed_run_script
 from configs import pretrain as pretrain_configs
 from cope_jax.training import core as training, metrics, pretrain
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, parameter_count
@@ -144,10 +144,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
             _, grads = stage.loss_and_grad(stage.params, stage.rest, stage.siglip_state, batch)
             _, summed = jax.jit(lambda p: training.accumulate_gradients(
                 stage.loss_and_grad, p, (stage.rest, stage.siglip_state), batch, 4))(stage.params)
-            grads, summed = ([np.asarray(x) for x in jax.tree.leaves(g)] for g in (grads, summed))
-            scale = max(np.abs(a).max() for a in grads)
-            for a, b in zip(grads, summed):
-                np.testing.assert_allclose(b / 4, a, atol=1e-5 * scale)
+            assert_gradients_close(jax.tree.map(lambda g: g / 4, summed), grads)
         metrics_by_steps.append(stage.step(stage.params, stage.tx.init(stage.params), local)[2])
     for name in ("loss", "copy_loss", "grad_norm"):
         assert float(metrics_by_steps[1][name]) == pytest.approx(float(metrics_by_steps[0][name]), rel=1e-5), name

@@ -113,8 +113,8 @@ def run(config, target_name: str) -> int:
 
 
 def compile_workers(programs: int, platform: str) -> int:
-    """Programs compiled at once: the compilers' passes are mostly single-threaded, so a core each,
-    as host memory allows (HOST_BYTES_PER_COMPILE each)."""
+    """Programs compiled at once: a core each (XLA:GPU's passes run on one; XLA:TPU uses more, so
+    there the gain is smaller), as host memory allows (HOST_BYTES_PER_COMPILE each)."""
     return max(1, min(programs, os.cpu_count() or 1, available_host_bytes() // HOST_BYTES_PER_COMPILE[platform]))
 
 
@@ -132,7 +132,8 @@ def compile_all(programs: list[Program], mesh, target, workers: int):
     turn (tracing is not thread-safe; under the mesh, kernels that run per shard, splash attention,
     find it), and compiled on a thread pool: the compilers release the GIL."""
     def lowered(program):
-        print(f"[{time.strftime('%H:%M:%S')}] compiling {program.label} for {target.name} ...", file=sys.stderr, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] lowering {program.label} for {target.name}, then compiling it ...",
+              file=sys.stderr, flush=True)
         if too_large(program, target):
             return None
         with jax.set_mesh(mesh) if program.on_mesh and mesh is not None else contextlib.nullcontext():
@@ -497,7 +498,7 @@ def header(config, target, mesh) -> str:
              f"{config.get('remat', 'none')}, scan_layers {config.scan_layers}, attention {config.attention}"]
     accumulation = (finetune.with_accumulation(config, mesh) if config.stage == "finetune" else config).grad_accum_steps
     lines.append(f"global batch {config.batch_size} in {accumulation} micro-batch{'es' * (accumulation > 1)} = "
-                 f"{config.batch_size // accumulation // math.prod(mesh.shape[a] for a in ('data', 'fsdp'))} "
+                 f"{config.batch_size // accumulation // core.batch_shards(mesh)} "
                  f"{'row(s)' if config.stage == 'finetune' else 'pairs'} per device at a time")
     if target.reserve_bytes:
         lines.append(f"fits: total + {target.reserve_bytes / GiB:.0f} GiB (cuDNN/NCCL workspaces, CUDA context) <= "

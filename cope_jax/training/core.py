@@ -60,6 +60,11 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes))
 
 
+def batch_shards(mesh) -> int:
+    """Devices the batch splits over (data x fsdp)."""
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
 def global_batch(local: dict, mesh) -> dict:
     """This process's slice of the batch -> global arrays split over data x fsdp."""
     target = batch_sharding(mesh)
@@ -89,8 +94,7 @@ def accumulate_gradients(grad_fn, params, args: tuple, batch: dict, steps: int):
 
 def check_accumulation(config, mesh) -> None:
     """config.batch_size splits into config.grad_accum_steps micro-batches over the data x fsdp devices."""
-    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
-    steps = config.grad_accum_steps
+    shards, steps = batch_shards(mesh), config.grad_accum_steps
     if config.batch_size % steps:
         raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by config.grad_accum_steps {steps}")
     if (config.batch_size // steps) % shards:

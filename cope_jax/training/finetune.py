@@ -95,7 +95,7 @@ def check_config(config) -> None:
 def with_accumulation(config, mesh):
     """The config with config.grad_accum_steps resolved for `mesh`: 0 means one row per data x fsdp
     device at a time (global batch / those devices micro-batches); checks that micro-batches split evenly."""
-    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    shards = core.batch_shards(mesh)
     if config.grad_accum_steps == 0:
         if config.batch_size % shards:
             raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by the data x fsdp devices ({shards})")

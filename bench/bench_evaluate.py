@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ttft import make_clip, model_on_device, reduced_config  # noqa: E402
 from common import machine  # noqa: E402
 
-from cope_jax import evaluate  # noqa: E402
-from cope_jax.inference import VideoSettings  # noqa: E402
-from cope_jax.tokenizer import chatml_tokenizer  # noqa: E402
+from cope_jax.evaluation import benchmark, questions as question_file  # noqa: E402
+from cope_jax.video.settings import VideoSettings  # noqa: E402
+from cope_jax.video.tokenizer import chatml_tokenizer  # noqa: E402
 from data_pipeline import codec  # noqa: E402
 
 QUESTIONS = ["Which way does the camera move?", "What is in the scene?", "Is anything moving?",
@@ -52,10 +52,10 @@ LABELS = {"batched": "shared per video, questions batched (`cope_jax.evaluate`)"
 
 def run(model, tokenizer, settings, questions, directory: str, output: str, mode: str, max_new_tokens: int) -> tuple[float, list]:
     started = time.perf_counter()
-    evaluate.evaluate(model, tokenizer, settings, questions, directory, output, max_new_tokens=max_new_tokens,
+    benchmark.evaluate(model, tokenizer, settings, questions, directory, output, max_new_tokens=max_new_tokens,
                       progress=False, **MODES[mode])
     seconds = time.perf_counter() - started
-    predictions = [json.loads(line) for line in open(os.path.join(output, evaluate.PREDICTIONS))]
+    predictions = [json.loads(line) for line in open(os.path.join(output, benchmark.PREDICTIONS))]
     return seconds, sorted((p["id"], p["prediction"]) for p in predictions)
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         for v in range(args.videos):
             make_clip(os.path.join(work, f"clip{v}.mp4"), args.seconds, 384)
         write_questions(os.path.join(work, "q.jsonl"), args.videos, args.questions_per_video)
-        questions, _ = evaluate.read_questions(os.path.join(work, "q.jsonl"))
+        questions, _ = question_file.read_questions(os.path.join(work, "q.jsonl"))
         results = {}
         for mode in MODES:  # warm-up: compiles every shape each path uses
             run(model, tokenizer, settings, questions[: args.questions_per_video], work,
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
             results[mode] = run(model, tokenizer, settings, questions, work, os.path.join(work, f"out-{mode}"), mode,
                                 args.max_new_tokens)
         assert results["batched"][1] == results["shared"][1] == results["alone"][1], "answers differ between modes"
-        visual = json.load(open(os.path.join(work, "out-batched", evaluate.RESULTS)))["mean_visual_tokens"]
+        visual = json.load(open(os.path.join(work, "out-batched", benchmark.RESULTS)))["mean_visual_tokens"]
     n = len(questions)
     print(f"machine: {machine()}")
     print(f"model: reduced CoPE (SigLIP 1152 wide x {args.vision_layers} layers, Δ-encoder depth {args.delta_depth}, "

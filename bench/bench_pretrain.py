@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine, median_seconds  # noqa: E402
 from configs import pretrain as configs  # noqa: E402
-from cope_jax.training import core as training, pretrain  # noqa: E402
+from cope_jax import sharding  # noqa: E402
+from cope_jax.training import pretrain  # noqa: E402
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, parameter_count  # noqa: E402
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 
@@ -34,7 +35,7 @@ def tiny_step() -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as work:
         stage = pretrain.Stage(config, work)
         local = next(iter(stage.loader))
-        batch = training.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
+        batch = sharding.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
         state = {"params": stage.params, "opt": stage.tx.init(stage.params)}
 
         def step():

@@ -54,14 +54,16 @@ from common import machine  # noqa: E402
 from cope_jax import accelerators, inference  # noqa: E402
 from cope_jax.inference import generation  # noqa: E402
 from cope_jax.inference.generation import SamplingConfig  # noqa: E402
-from cope_jax.inference import prompt as prompts  # noqa: E402
 from cope_jax.models.common import parameter_count  # noqa: E402
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM, delta_for_tower  # noqa: E402
 from cope_jax.models.attention import set_attention  # noqa: E402
 from cope_jax.models.qwen2.modeling import KVCache, Qwen2Config  # noqa: E402
 from cope_jax.models.siglip.modeling import SiglipVisionConfig  # noqa: E402
-from cope_jax.tokenizer import chatml_tokenizer  # noqa: E402
-from cope_jax.training import compile as compile_mode  # noqa: E402 - starts no backend: --target sets it up first
+from cope_jax import compile as compile_mode  # noqa: E402 - starts no backend: --target sets it up first
+from cope_jax.video import prompt as prompts  # noqa: E402
+from cope_jax.video.settings import VideoSettings  # noqa: E402
+from cope_jax.video.stream import Video, plan_video, video_from_file  # noqa: E402
+from cope_jax.video.tokenizer import chatml_tokenizer  # noqa: E402
 from data_pipeline import codec, synthetic  # noqa: E402
 
 QUESTION = "What happens in the video? Describe the motion."
@@ -86,11 +88,11 @@ class Setup:
             return f"dense {self.dense_frames} kf (LLaVA-Video)"
         return f"CoPE {self.keyframes_per_gop} kf/GOP"
 
-    def settings(self, size: int) -> inference.VideoSettings:
+    def settings(self, size: int) -> VideoSettings:
         pre = codec.Settings(fps=30.0, gop=240, fusion=30, size=size)
         if self.keyframes_per_gop is None:
-            return inference.VideoSettings(preprocessing=pre, dense_frames=self.dense_frames)
-        return inference.VideoSettings(preprocessing=pre, keyframes_per_gop=self.keyframes_per_gop)
+            return VideoSettings(preprocessing=pre, dense_frames=self.dense_frames)
+        return VideoSettings(preprocessing=pre, keyframes_per_gop=self.keyframes_per_gop)
 
 
 def setups(args) -> list[Setup]:
@@ -149,20 +151,20 @@ def make_clip(path: str, seconds: float, size: int) -> str:
     return synthetic.write(path, frames, fps=30)
 
 
-def planned_video(seconds: float, size: int) -> inference.Video:
+def planned_video(seconds: float, size: int) -> Video:
     """The step structure of the clip without decoding it (for the FLOP count): one step per
     second, a GOP every 8 steps, exactly what preprocessing gives the clip."""
     steps = int(round(seconds))
     fields = dict(video_id="planned", source="planned", fps=30.0, gop=240, fusion=30, size=size,
                   is_gop_start=np.arange(steps) % 8 == 0, timestamps=np.arange(steps, dtype=np.float32), read=None)
-    if "seconds" in {f.name for f in dataclasses.fields(inference.Video)}:
+    if "seconds" in {f.name for f in dataclasses.fields(Video)}:
         fields["seconds"] = float(steps)  # resampled frames / fps
-    return inference.Video(**fields)
+    return Video(**fields)
 
 
-def prompt_length(tokenizer, video: inference.Video, settings: inference.VideoSettings, config: CoPEConfig):
+def prompt_length(tokenizer, video: Video, settings: VideoSettings, config: CoPEConfig):
     """(keyframes, P steps, visual tokens, prompt tokens) exactly as VideoChat builds the first turn."""
-    plan = inference.plan_video(video, settings)
+    plan = plan_video(video, settings)
     visual = plan.num_keyframes * config.tokens_per_keyframe + plan.num_p_steps * config.tokens_per_p_step
     preamble = prompts.time_instruction(plan.duration, plan.timestamps) if settings.time_instruction else ""
     pieces = prompts.conversation_pieces([("human", QUESTION)], preamble, add_generation_prompt=True)
@@ -214,7 +216,7 @@ def part_measured(args, tokenizer) -> dict:
         path = make_clip(os.path.join(work, "pan.mp4"), args.seconds, args.clip_size)
         made = time.perf_counter() - started
         started = time.perf_counter()
-        video = inference.video_from_file(path, codec.Settings(fps=30.0, gop=240, fusion=30,
+        video = video_from_file(path, codec.Settings(fps=30.0, gop=240, fusion=30,
                                                                size=config.vision.image_size))
         preprocess_s = time.perf_counter() - started
     print(f"(a) clip: {args.seconds:g} s pan at {args.clip_size}x{args.clip_size}, written in {made:.1f} s; "

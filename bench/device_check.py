@@ -36,7 +36,7 @@ from flax import nnx  # noqa: E402
 from configs import finetune as finetune_configs  # noqa: E402
 from cope_jax.models.attention import causal_attention, encoder_attention, set_attention  # noqa: E402
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM  # noqa: E402
-from cope_jax.training import finetune  # noqa: E402
+from cope_jax.training import finetune, optimization  # noqa: E402
 
 BF16_TOLERANCE = 2e-2  # relative, on values of order 1: bf16 carries 8 bits of mantissa
 
@@ -93,8 +93,8 @@ def train_steps_check(gpu, steps: int = 3) -> dict:
         with jax.default_device(device):
             model = CoPEVideoLM(model_config, dtype="bfloat16", param_dtype="float32", rngs=nnx.Rngs(0))
             set_attention(model, implementation)
-            graph, params, frozen, rest = finetune.split_trainable(model, config)
-            tx, _, _ = finetune.make_optimizer(config, params)
+            graph, params, frozen, rest = optimization.split_trainable(model, config)
+            tx, _, _ = optimization.make_optimizer(config, params)
             opt_state = tx.init(params)
             step, _ = finetune.make_functions(graph, tx, config)
             on_device = jax.device_put(batch, device)

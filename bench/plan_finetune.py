@@ -104,8 +104,8 @@ from cope_jax import sharding  # noqa: E402
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM  # noqa: E402
 from cope_jax.models.attention import set_attention  # noqa: E402
 from cope_jax.models.common import set_remat  # noqa: E402
-from cope_jax.training import core, finetune  # noqa: E402
-from cope_jax.training.compile import optimizer_state, per_device_bytes  # noqa: E402
+from cope_jax.compile import optimizer_state, per_device_bytes  # noqa: E402
+from cope_jax.training import finetune, optimization  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,7 @@ def abstract_model(model_config: CoPEConfig, config, attention: str | None = Non
     if attention:
         set_attention(model, attention)
     set_remat(model, config.remat)  # the tower and the Δ-encoder, as finetune.Stage does
-    return finetune.split_trainable(model, config)
+    return optimization.split_trainable(model, config)
 
 
 def place(tree, shardings):
@@ -230,7 +230,7 @@ def count_flops(model_config: CoPEConfig, config, shape: Shape, remat: str) -> d
     config = config.copy_and_resolve_references()
     config.remat, config.loss_chunk = remat, shape.seq_len
     graph, params, frozen, rest = abstract_model(model_config, config, attention="xla")
-    tx, _, _ = finetune.make_optimizer(config, params)
+    tx, _, _ = optimization.make_optimizer(config, params)
     _, loss_and_grad = finetune.make_functions(graph, tx, config)
     batch = batch_structs(shape, model_config.vision.image_size, shape.micro_batch)
     micro, has_loop = lowered_flops(lambda *a: loss_and_grad(*a), params, frozen, rest, batch)
@@ -261,12 +261,12 @@ def plan_one(model_config: CoPEConfig, config, shape: Shape, mesh_shape: dict, r
     if shape.micro_batch % rows:
         raise SystemExit(f"micro-batch {shape.micro_batch} (batch {shape.batch} / {shape.accumulation} accumulation "
                          f"steps) does not divide over data x fsdp = {rows} devices; change --grad-accum")
-    rules = core.logical_rules(config)
+    rules = sharding.logical_rules(config)
     graph, params, frozen, rest = abstract_model(model_config, config)
     params, frozen, rest = (place(t, sharding.state_shardings(t, mesh, rules)) for t in (params, frozen, rest))
-    tx, _, _ = finetune.make_optimizer(config, params)
+    tx, _, _ = optimization.make_optimizer(config, params)
     opt_state = optimizer_state(tx, params, mesh)
-    batch = batch_structs(shape, model_config.vision.image_size, shape.batch, core.batch_sharding(mesh))
+    batch = batch_structs(shape, model_config.vision.image_size, shape.batch, sharding.batch_sharding(mesh))
     train_step, _ = finetune.make_functions(graph, tx, config)
     start = time.perf_counter()
     lowered = train_step.lower(params, opt_state, frozen, rest, batch)

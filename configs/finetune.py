@@ -15,20 +15,17 @@ import dataclasses
 
 import ml_collections
 
+from configs import common
+from configs import pretrain as pretrain_configs
 from cope_jax import sharding
 from cope_jax.models.cope.modeling import CoPEConfig
-from configs import pretrain as pretrain_configs
 
 
 def _common() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.stage = "finetune"
-    c.variant = ""
-    c.seed = 0
+    c = common.training_config("finetune")
     # LLaVA-Video-178K annotations: a .json list, a .jsonl, LLaVA's YAML mixture, or a list of
     # them. Empty (with an empty data_dir): the built-in demo questions under <workdir>/demo_data.
-    c.annotations = ""
-    c.data_dir = ""  # preprocessing output the annotations' videos were turned into
+    c.annotations = ""  # data_dir: the preprocessing output the annotations' videos were turned into
     c.demo_clips = 160  # built-in demo: clips for training
     c.demo_eval_clips = 40  # ... and held out for the accuracy table
     # Weights. init_checkpoint: a converted LLaVA-Video or a CoPE checkpoint (cope_jax.convert);
@@ -48,15 +45,10 @@ def _common() -> ml_collections.ConfigDict:
     # uniformly, never assistant text. Sequences are padded to the smallest bucket that fits.
     c.max_seq_len = 16384
     c.length_buckets = (4096, 8192, 16384)
-    c.total_steps = 1000
-    c.batch_size = 128  # global, over all processes and accumulation steps
-    c.grad_accum_steps = 1  # micro-batches per step; batch_size / grad_accum_steps go through at once (0: one row per device)
-    c.checkpoint_every_steps = 100
-    c.keep_checkpoints = 3
-    c.eval_every_steps = 0  # 0: only at the end
-    c.log_every_steps = 10
-    c.data_workers = 0
-    c.record_data_order = False
+    c.batch_size = 128
+    c.grad_accum_steps = 1  # 0: one row per device at a time (batch_size / data x fsdp devices micro-batches)
+    c.eval_every_steps = 0
+    c.evaluators = ("demo_accuracy",)  # held-out accuracy on the built-in demo (nothing on other data)
     # Optimisation (LLaVA-Video: AdamW, warmup ratio 0.03, cosine, no weight decay).
     c.learning_rate = 1e-5  # every trainable parameter no `learning_rates` entry matches
     # The paper calls the tower frozen (§3.2, Fig. 2) yet fine-tunes "the full VideoLM" (§4.1): we
@@ -66,20 +58,9 @@ def _common() -> ml_collections.ConfigDict:
     c.frozen = []  # ... minus these; frozen parameters carry no optimizer state
     c.warmup_ratio = 0.03
     c.weight_decay = 0.0
-    c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
-    c.grad_clip_norm = 1.0
-    c.compute_dtype = "bfloat16"  # activations and matmuls; master weights and optimizer state stay float32
-    c.remat = "none"  # per layer of every transformer (tower, Δ-encoder, LLM): "none", "layer" (recompute all), "dots" (keep matmul outputs)
+    c.compute_dtype = "bfloat16"
     c.loss_chunk = 1024  # sequence positions per logits chunk of the loss ([B,T,V] is never built)
-    # Attention kernels: "auto" takes the platform's (TPU: Pallas splash; GPU: cuDNN in bf16; CPU: direct or
-    # chunked by length); "xla", "chunked", "cudnn" or "splash" force one wherever it applies.
-    c.attention = "auto"
-    # One scan over each layer stack instead of unrolled layers: compile time independent of depth, FSDP
-    # weights gathered per layer in the compute dtype (same results).
-    c.scan_layers = False
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.logical_rules = ml_collections.ConfigDict({logical: axes for logical, axes in sharding.DEFAULT_RULES})
+    c.mesh = common.mesh(common.FSDP_MESH)
     # The model when init_checkpoint is empty (a random CoPE-VideoLM; its tower follows stage 1's).
     c.model = ml_collections.ConfigDict(dataclasses.asdict(CoPEConfig.tiny()))
     c.eval_max_questions = 0  # held-out questions for the accuracy table (0: all)
@@ -108,7 +89,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.checkpoint_every_steps = 100
         c.log_every_steps = 25
         c.compute_dtype = "float32"
-        c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+        c.mesh = common.mesh(sharding.DEFAULT_MESH_SHAPE)
         c.loss_chunk = 512
     elif variant == "paper":
         c.model = ml_collections.ConfigDict(dataclasses.asdict(CoPEConfig.llava_video_7b()))

@@ -13,53 +13,17 @@ import dataclasses
 
 import ml_collections
 
-from cope_jax import sharding
+from configs import common
 from cope_jax.models.delta_encoder.modeling import DeltaEncoderConfig
 from cope_jax.models.siglip.modeling import SiglipVisionConfig
 
 
 def _common() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.stage = "pretrain"
-    c.variant = ""
-    c.seed = 0
-    # Preprocessing output (python -m data_pipeline.preprocess). Empty: demo clips are generated
-    # and preprocessed under <workdir>/demo_data.
-    c.data_dir = ""
+    c = common.training_config("pretrain")
     c.demo_clips = 8
-    c.total_steps = 1000
-    c.batch_size = 8  # global, over all processes
-    # Micro-batches per step, their gradients summed in one scan (same update, less memory).
-    c.grad_accum_steps = 1
-    c.checkpoint_every_steps = 100
-    c.keep_checkpoints = 3
-    c.eval_every_steps = 100
-    c.log_every_steps = 10
     c.eval_max_videos = 16
-    c.data_workers = 0  # grain worker processes per host (0: in the training process)
-    c.record_data_order = False  # append each step's (video, step) pairs to <workdir>/data_order.jsonl
-    c.learning_rate = 1e-4
+    c.evaluators = ("retrieval",)  # next-frame retrieval (paper App. H.6)
     c.warmup_steps = 100
-    c.weight_decay = 0.05
-    c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
-    c.grad_clip_norm = 1.0
-    c.compute_dtype = "float32"  # or "bfloat16": activations and matmuls; weights stay float32
-    # Attention kernels: "auto" takes the platform's (TPU: Pallas splash; GPU: cuDNN in bf16; CPU: direct or
-    # chunked by length); "xla", "chunked", "cudnn" or "splash" force one wherever it applies.
-    c.attention = "auto"
-    # One scan over each layer stack instead of unrolled layers: compile time independent of depth, FSDP
-    # weights gathered per layer in the compute dtype (same results).
-    c.scan_layers = False
-    # Activation remat per layer of the Δ-encoder's transformers and ResNet trunk: "none", "layer"
-    # (recompute all in the backward pass), "dots" (keep matmul outputs). The frozen tower keeps nothing.
-    c.remat = "none"
-    # Mesh axis sizes; -1 takes the remaining devices. Batches split over data x fsdp; weights
-    # over fsdp (and tensor) by their logical axis names.
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    # Logical axis name -> mesh axes (a name, a list of names, or None = replicated). Every weight
-    # carries logical names (embed, mlp, heads, conv_in, conv_out, ...).
-    c.logical_rules = ml_collections.ConfigDict({logical: axes for logical, axes in sharding.DEFAULT_RULES})
     # Frozen SigLIP: a converted checkpoint (python -m cope_jax.convert) of SigLIP or of a whole
     # LLaVA-Video / CoPE model, whose 26-layer tower is used as the VLM uses it. Empty: a small
     # random tower built from `siglip` below (tiny runs only; the run says so).
@@ -67,7 +31,7 @@ def _common() -> ml_collections.ConfigDict:
     c.siglip = _fields(SiglipVisionConfig(image_size=64, patch_size=16, hidden_size=48, intermediate_size=96,
                                           num_hidden_layers=2, num_attention_heads=4, use_post_layernorm=False))
     # Δ-encoder: start the residual trunk from a converted ResNet-18 (python -m cope_jax.convert)
-    # or from scratch (empty).
+    # or from scratch (empty). Remat applies to its transformers and ResNet trunk; the frozen tower keeps nothing.
     c.resnet_checkpoint = ""
     return c
 
@@ -107,7 +71,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.scan_layers = True
         c.remat = "layer"
         c.data_workers = 8
-        c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+        c.mesh = common.mesh(common.FSDP_MESH)
     else:
         raise ValueError(f"configs/pretrain.py: unknown variant {variant!r} (choose tiny or paper)")
     return c

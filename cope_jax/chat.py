@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from cope_jax import cli
+from cope_jax.video.switches import add_switch_arguments, switches_from_args
 from cope_jax.errors import UserError
 
 EXIT_BAD_INPUT = 1
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--record", metavar="DIR", help="a preprocessing output directory (with --video-id)")
     source.add_argument("--video-id", help="the video's id in --record: its path under the input root, without extension")
     parser.add_argument("--question", help="ask once and exit; omitted: interactive multi-turn chat")
-    cli.add_switch_arguments(parser, "how the video is read (defaults: the checkpoint's settings; paper App. H)")
+    add_switch_arguments(parser, "how the video is read (defaults: the checkpoint's settings; paper App. H)")
     generation = parser.add_argument_group("generation")
     generation.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default %(default)s)")
     generation.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
@@ -89,19 +89,21 @@ def stats_json(answer: str, stats) -> dict:
 
 
 def open_chat(args, log):
+    # Imported here, not above: --help and argument errors answer without importing JAX and the models.
     from cope_jax import checkpoints, inference
     from cope_jax.inference.generation import SamplingConfig
+    from cope_jax.video.stream import video_from_file, video_from_records
 
-    switches = cli.switches_from_args(args)
+    switches = switches_from_args(args)
     log(f"loading {args.checkpoint} ...")
     model, tokenizer, settings = inference.load(args.checkpoint, **switches)
     delta = checkpoints.read_meta(os.path.abspath(os.path.expanduser(args.checkpoint))).get("delta_encoder", {})
     if delta.get("random") and settings.delta_mode == "cope" and not settings.dense_frames:
         log("NOTE: this checkpoint's Δ-encoder is RANDOM (converted without --delta-encoder): P steps carry no information")
     if args.video is not None:
-        load_video = lambda: inference.video_from_file(args.video, settings.preprocessing)  # noqa: E731
+        load_video = lambda: video_from_file(args.video, settings.preprocessing)  # noqa: E731
     else:
-        load_video = lambda: inference.video_from_records(os.path.expanduser(args.record), args.video_id)  # noqa: E731
+        load_video = lambda: video_from_records(os.path.expanduser(args.record), args.video_id)  # noqa: E731
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     return inference.VideoChat(model, tokenizer, settings,
                                video=announced(load_video, args.video or args.video_id, settings.preprocessing, log),

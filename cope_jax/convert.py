@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
-import shutil
 import sys
 import time
 
@@ -45,8 +43,7 @@ from cope_jax.models.resnet import params as resnet_params
 from cope_jax.models.resnet.modeling import ResNet
 from cope_jax.models.siglip import params as siglip_params
 from cope_jax.models.siglip.modeling import SiglipVisionModel
-from cope_jax.inference import TOKENIZER_FILES
-from cope_jax.inference.stream import VideoSettings
+from cope_jax.video.settings import VideoSettings
 from cope_jax.weights import CheckpointReader, ConversionError, Rule, apply_rules, ignore, read_config, with_prefix
 
 
@@ -158,58 +155,29 @@ def from_pytorch(path: str, dtype=jnp.float32, *, mesh=None, rules=None, progres
     return apply_rules(reader, plan.rules, abstract, shardings=shardings, progress=progress, defaults=defaults)
 
 
-def copy_tokenizer_files(source: str, destination: str) -> list[str]:
-    """The source's tokenizer (and chat template / generation config) files, copied as they are."""
-    directory = source if os.path.isdir(source) else os.path.dirname(source)
-    copied = []
-    for path in sorted(glob.glob(os.path.join(directory, "*"))):
-        if os.path.basename(path) in TOKENIZER_FILES:
-            shutil.copy2(path, destination)
-            copied.append(os.path.basename(path))
-    return copied
-
-
-def cope_checkpoint_info(model: CoPEVideoLM, delta_info: dict | None, video_settings: VideoSettings) -> dict:
-    """What model.json records for a CoPE checkpoint beyond the model config (docs/architecture.md §7); frames
-    are preprocessed at the tower's image size."""
-    preprocessing = dataclasses.replace(video_settings.preprocessing, size=model.config.vision.image_size)
-    settings = dataclasses.replace(video_settings, preprocessing=preprocessing)
-    return {"video": settings.to_dict(), "delta_encoder": dict(delta_info or {}, random=delta_info is None)}
-
-
 def convert(source: str, output: str, dtype="float32", overwrite: bool = False, progress: bool = True,
             delta_encoder: str | None = None, video_settings=None) -> nnx.Module:
     """from_pytorch + checkpoints.save, written to a temporary directory and renamed at the end.
 
     `delta_encoder`: a stage-1 workdir or cope_jax checkpoint to assemble a CoPE checkpoint with;
-    `video_settings`: the inference.VideoSettings to record (LLaVA-Video sources only)."""
+    `video_settings`: the video.settings.VideoSettings to record (LLaVA-Video sources only)."""
     output = os.path.abspath(os.path.expanduser(output))
     source = os.path.abspath(os.path.expanduser(source))
     if os.path.exists(output) and not overwrite:
         raise ConversionError(f"{output}: output already exists (pass --overwrite to replace it)")
     encoder, delta_info = None, None
     if delta_encoder:
-        from cope_jax.training import pretrain
-
         try:
-            encoder, delta_info = pretrain.load_delta_encoder(delta_encoder)
+            encoder, delta_info = checkpoints.load_delta_encoder(delta_encoder)
         except UserError as e:
             raise ConversionError(f"--delta-encoder {e}") from None
     model = from_pytorch(source, dtype, progress=progress, delta_encoder=encoder)
     info = {"source": source}
     if isinstance(model, CoPEVideoLM):
-        info |= cope_checkpoint_info(model, delta_info, video_settings or VideoSettings())
-    partial = f"{output}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        os.makedirs(partial)
-        info["tokenizer_files"] = copy_tokenizer_files(source, partial)
+        info |= checkpoints.cope_checkpoint_info(model, delta_info, video_settings or VideoSettings())
+    with checkpoints.written_atomically(output) as partial:
+        info["tokenizer_files"] = checkpoints.copy_tokenizer_files(source, partial)
         checkpoints.save(partial, model, **info)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(partial, output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return model
 
 
@@ -250,15 +218,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def video_settings_from_args(args) -> "VideoSettings":
-    settings = VideoSettings(
-        preprocessing=dataclasses.replace(VideoSettings().preprocessing, fps=args.fps, gop=args.gop, fusion=args.fusion),
+def video_settings_from_args(args) -> VideoSettings:
+    return VideoSettings().with_switches(
+        where="video settings", error=ConversionError, fps=args.fps, gop=args.gop, fusion=args.fusion,
         keyframes_per_gop=args.keyframes_per_gop, max_gops=args.max_gops, time_instruction=not args.no_time_instruction)
-    try:
-        settings.check()
-    except ValueError as e:
-        raise ConversionError(f"video settings: {e}") from None
-    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,13 @@
 """One process of a multi-process run: joining it, agreeing with the others, and never hanging.
 
-`jax.distributed` does the work (DESIGN §10); this module decides its arguments and turns its
+`jax.distributed` does the work (docs/architecture.md §10); this module decides its arguments and turns its
 failures into one line. Three ways to say who is who:
 
 - flags: `--coordinator_address --num_processes --process_id` (what `launch/local.sh` passes);
 - SLURM (`--distributed` inside `srun`): read from SLURM's variables here, because JAX's own SLURM
   detection gives every process only the GPU numbered SLURM_LOCALID, which is wrong when one
-  process per node should drive all of its GPUs (LESSONS.md, "Scale"). One task on a node: all
-  of its devices; several: device SLURM_LOCALID. `--local_device_ids` overrides either;
+  process per node should drive all of its GPUs. One task on a node: all of its devices; several:
+  device SLURM_LOCALID. `--local_device_ids` overrides either;
 - anything else with `--distributed` (a TPU VM pod): JAX's own detection.
 
 On CPU the processes talk through gloo. After joining, `agree()` compares what every process
@@ -273,6 +273,17 @@ def new_phase() -> None:
     watchdog waits for its first progress again."""
     if _watchdog is not None:
         _watchdog.disarm()
+
+
+def wait_for_process_0(what: str) -> None:
+    """Multi-process runs: the others wait here until process 0 has written `what` (demo data,
+    shared files); only process 0 ever writes them."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"cope_jax: {what}")
 
 
 # ---------------------------------------------------------------------------- failing

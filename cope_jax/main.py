@@ -47,6 +47,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_dict, config_flags
 
+from cope_jax import accelerators, distributed
+from cope_jax.errors import ConfigError, UserError
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file and variant: configs/pretrain.py:tiny|paper or configs/finetune.py:tiny|paper",
     lock_config=True)
@@ -79,14 +82,21 @@ _CONFIG_ARG = re.compile(r"^--?config(?:=(.*))?$", re.DOTALL)
 
 
 def run(config, workdir: str, mode: str = "train") -> dict:
-    from cope_jax.errors import ConfigError
+    """Trains (or with mode "eval" evaluates) the config's stage with the evaluators it names; stage 2
+    with config.run_pretrain runs stage 1 first."""
+    # Imported here so that --help and a bad command line answer at once: these import JAX and the models.
+    from cope_jax import evaluation
     from cope_jax.training import finetune, pretrain
 
-    stages = {"pretrain": (pretrain.train, pretrain.evaluate_only), "finetune": (finetune.train, finetune.evaluate_only)}
+    stages = {"pretrain": pretrain, "finetune": finetune}
     if config.stage not in stages:
         raise ConfigError(f"config.stage {config.stage!r} is not one of {sorted(stages)}")
-    train, evaluate = stages[config.stage]
-    return train(config, workdir) if mode == "train" else evaluate(config, workdir)
+    stage, evaluators = stages[config.stage], evaluation.for_config(config)
+    if mode != "train":
+        return stage.evaluate_only(config, workdir, evaluators)
+    if stage is finetune:
+        return finetune.train(config, workdir, evaluators, evaluation.for_config(config.pretrain))
+    return pretrain.train(config, workdir, evaluators)
 
 
 # Command-line checks. config_flags loads the config and applies overrides while absl parses flags,
@@ -160,11 +170,17 @@ def _file_hint(path: str) -> str:
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
         return ""
-    names = sorted(n for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_"))
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".py") and _is_config_file(os.path.join(folder, n)))
     close = difflib.get_close_matches(os.path.basename(path), names, n=1)
     if close:
         return f" (did you mean {os.path.join(os.path.dirname(path), close[0])}?)"
     return f" ({folder}/ holds {', '.join(names)})" if names else ""
+
+
+def _is_config_file(path: str) -> bool:
+    """A config file defines get_config (configs/common.py only holds the fields both stages share)."""
+    with open(path) as f:
+        return "\ndef get_config(" in f.read()
 
 
 def _field_problem(config, source: str, name: str, path: str) -> str | None:
@@ -298,9 +314,6 @@ def main(argv) -> None:
     if not _WORKDIR.value:
         _usage_error(f"--workdir is required for --mode={_MODE.value} (see --help)")
     _quiet_library_logs()
-    from cope_jax import distributed
-    from cope_jax.errors import UserError
-
     try:
         launch = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value,
                                      detect=_DISTRIBUTED.value)
@@ -319,9 +332,6 @@ def main(argv) -> None:
 
 def compile_for_target(config, target: str | None) -> int:
     """--mode=compile: 0 when every program fits the target, 1 (one line) when one does not."""
-    # Imported here, as in main(): nothing may start a JAX backend before compile_environment().
-    from cope_jax import accelerators
-
     if not target:
         _usage_error(f"--mode=compile needs --target, one of: {accelerators.FORMS}")
     try:
@@ -330,8 +340,7 @@ def compile_for_target(config, target: str | None) -> int:
         _usage_error(str(e))
     accelerators.compile_environment()  # before anything starts a JAX backend
     _quiet_library_logs()
-    from cope_jax.errors import UserError  # lazy, as in main()
-    from cope_jax.training import compile as compile_mode  # lazy: imports the models, after compile_environment()
+    from cope_jax import compile as compile_mode  # here: it imports JAX's backends, which compile_environment() sets up
 
     try:
         return compile_mode.run(config, target)
@@ -342,10 +351,7 @@ def compile_for_target(config, target: str | None) -> int:
 
 def run_distributed(launch, workdir: str) -> int:
     """One process of a multi-process run. Every failure ends the process at once (distributed.exit_now)."""
-    import jax
-
-    from cope_jax import distributed
-    from cope_jax.errors import UserError
+    import jax  # here, as in run(): --help must not import JAX
 
     who = "this process"
     try:

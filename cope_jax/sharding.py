@@ -1,10 +1,11 @@
-"""Logical axis names -> device mesh: the one place that knows how weights are laid out.
+"""Logical axis names -> device mesh: the one place that knows how weights and batches are laid out.
 
 Every weight is created with `logical_axes` metadata (names from the axis alphabet: `embed`,
 `mlp`, `heads`, `kv_heads`, `vocab`, `conv_out`, ...). A config maps those names to mesh axes with
 a short rule list (MaxText's `logical_axis_rules`), and this module turns rules + mesh into
 `NamedSharding`s. A dimension that the mesh axis does not divide stays replicated instead of failing
-(e.g. one KV head on a 2-way tensor axis).
+(e.g. one KV head on a 2-way tensor axis). The `batch` rule names the axes batches split over
+(`batch_sharding`, `global_batch`) and activations are pinned to (`constrain_rows`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cope_jax.errors import ConfigError
 
 # (logical name, mesh axis or tuple of mesh axes). A name not listed is replicated.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -52,6 +55,51 @@ def make_mesh(mesh_shape: dict[str, int] | None = None, devices: Sequence[jax.De
         raise ValueError(f"mesh shape {mesh_shape} needs {math.prod(mesh_shape.values())} devices, have {len(devices)}")
     grid = np.asarray(devices).reshape(tuple(mesh_shape.values()))
     return Mesh(grid, tuple(mesh_shape.keys()))
+
+
+def build_mesh(config) -> Mesh:
+    """The mesh of a training config (`config.mesh`: {axis: size}, one size may be -1)."""
+    shape = {axis: int(size) for axis, size in dict(config.mesh).items()}
+    devices = jax.devices()
+    fixed = int(np.prod(list(shape.values())))
+    if -1 not in shape.values() and 0 < fixed < len(devices) and jax.process_count() == 1:
+        devices = devices[:fixed]  # a smaller mesh on one host, e.g. to compare against 1 device
+    try:
+        return make_mesh(shape, devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh {shape}: {e} ({jax.device_count()} devices)") from None
+
+
+def logical_rules(config) -> tuple:
+    """config.logical_rules ({logical: mesh axis | [axes] | None}) -> the rules this module takes."""
+    rules = []
+    for logical, axes in dict(config.logical_rules).items():
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        if axes is not None and not isinstance(axes, (str, tuple)):
+            raise ConfigError(f"config.logical_rules.{logical}: expected a mesh axis name, a list of them or None, got {axes!r}")
+        rules.append((logical, axes))
+    return tuple(rules)
+
+
+def batch_axes(mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the `batch` rule splits batches over (those this mesh has)."""
+    axes = dict(rules).get("batch") or ()
+    return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.axis_names)
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules)))
+
+
+def batch_shards(mesh, rules=DEFAULT_RULES) -> int:
+    """Devices a batch splits over (data x fsdp by default)."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh, rules)]))
+
+
+def global_batch(local: dict, mesh, rules=DEFAULT_RULES) -> dict:
+    """This process's slice of the batch -> global arrays split by rows over the batch axes."""
+    target = batch_sharding(mesh, rules)
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in local.items()}
 
 
 def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
@@ -113,6 +161,12 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules=DEFAULT_
     return nnx.merge(graphdef, init())
 
 
+def reshard(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> None:
+    """Every array of `module` onto its shard (after parts were replaced from single-device loads)."""
+    state = nnx.state(module)
+    nnx.update(module, put(state, state_shardings(state, mesh, rules)))
+
+
 def replicated_large_weights(module: nnx.Module, min_size: int = 2**14) -> list[str]:
     """Paths of weights with >= min_size elements that are fully replicated (none expected)."""
     offenders = []
@@ -133,7 +187,7 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    axes = tuple(a for a in dict(DEFAULT_RULES)["batch"] if mesh.shape.get(a, 1) > 1)
+    axes = tuple(a for a in batch_axes(mesh) if mesh.shape[a] > 1)
     if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(axes if len(axes) > 1 else axes[0]))

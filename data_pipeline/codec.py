@@ -41,10 +41,11 @@ class Settings:
     fusion: int = 30
     size: int = 384
     # Fixed quantiser of the canonical mpeg4 stream (1 best .. 31 worst). The paper (§4.1) does not
-    # give one; 4 keeps the decoded frames near-transparent (README, "Storage") at modest cost.
+    # give one; 4 keeps the decoded frames near-transparent (docs/preprocessing.md, "Storage") at
+    # modest cost.
     qscale: int = 4
-    # Motion is back-traced once per mv_block x mv_block tile (README, "Storage": per-pixel traces
-    # are noisy, cost 7x the bytes and make motion compensation no better).
+    # Motion is back-traced once per mv_block x mv_block tile (docs/preprocessing.md, "Storage":
+    # per-pixel traces are noisy, cost 7x the bytes and make motion compensation no better).
     mv_block: int = 4
     # mjpeg quantiser of the stored RGB (1 = finest); the residual is derived from these frames.
     jpeg_qscale: int = 1
@@ -64,6 +65,12 @@ class Settings:
             problems.append(f"mv_block must be one of 1, 2, 4, 8, 16, got {self.mv_block}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        """The settings a manifest.json records (fields a later version added are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclasses.dataclass

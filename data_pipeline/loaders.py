@@ -2,37 +2,32 @@
 
 `PairSource` serves stage-1 pretraining examples (paper §3.3): for every P step t of every video,
 (rgb[t-1], mv[t], residual[t], rgb[t]). Its index is built from manifest.json alone (a step t is a
-GOP start iff t * fusion is a multiple of gop), so no record is read until it is used.
+GOP start by `sampler.gop_starts`), so no record is read until it is used.
 `pair_loader` shuffles globally with the seed, gives every JAX process its slice of each global
 batch, and batches; batch n is a function of n alone, so training resumes at batch = step.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import grain.python as grain
 from absl import flags
 import numpy as np
 
-from data_pipeline import records
+from data_pipeline import records, sampler
 
 
 class PairSource(grain.RandomAccessDataSource):
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
         self.records = records.open(data_dir)
-        manifest_path = os.path.join(data_dir, "manifest.json")
-        if not os.path.exists(manifest_path):
-            raise records.RecordError(f"{data_dir}: no manifest.json (not a finished preprocessing output)")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        manifest = records.read_manifest(data_dir)
         self.settings = manifest["settings"]  # what preprocess wrote: size, fps, gop, fusion, ...
         listed, on_disk = {s["name"] for s in manifest["shards"]}, {os.path.basename(p) for p in self.records.paths}
         if listed != on_disk:  # record indices below would shift silently
             raise records.RecordError(
-                f"{manifest_path}: lists {len(listed)} shards but {len(on_disk)} are on disk (tasks of a split run that "
+                f"{data_dir}/{records.MANIFEST_FILE}: lists {len(listed)} shards but {len(on_disk)} are on disk (tasks of a split run that "
                 "finished together, or still running); when all are done, rerun the preprocessing command once "
                 "(finished shards are skipped) to rewrite the manifest")
         gop, fusion = self.settings["gop"], self.settings["fusion"]
@@ -43,7 +38,8 @@ class PairSource(grain.RandomAccessDataSource):
         pairs = []
         for video in manifest["videos"]:
             index = offsets[video["shard"]] + video["index"]
-            pairs += [(index, t) for t in range(1, video["steps"]) if (t * fusion) % gop]
+            steps = np.arange(1, video["steps"])
+            pairs += [(index, int(t)) for t in steps[~sampler.gop_starts(steps, gop, fusion)]]
         self.pairs = np.asarray(sorted(pairs), np.int64).reshape(-1, 2)
         if len(self.pairs) == 0:
             raise records.RecordError(f"{data_dir}: no P steps to train on (videos shorter than two steps?)")

@@ -3,7 +3,7 @@
 Record bytes: `MAGIC`, a little-endian u32 header length, a JSON header, then the payload:
 
 - `rgb`: one JPEG per step (mjpeg, 4:4:4, quantiser `jpeg_qscale`), about 45 dB PSNR against the
-  decoded frame (README, "Storage");
+  decoded frame (docs/preprocessing.md, "Storage");
 - `mv`: per step, zlib-compressed int16 quarter-pixels, planar [2, H/b, W/b] with b = `mv_block`:
   exact values of the fused motion at each tile's traced pixel.
 
@@ -178,6 +178,24 @@ def decode(data: bytes, steps: Sequence[int] | None = None) -> dict:
 # ---------------------------------------------------------------------------- reading a directory
 
 
+MANIFEST_FILE = "manifest.json"
+
+
+def read_manifest(output_dir: str) -> dict:
+    """A finished preprocessing output's manifest.json: settings, shards, per-video counts, totals."""
+    path = os.path.join(os.path.expanduser(output_dir), MANIFEST_FILE)
+    try:
+        with builtins.open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise RecordError(f"{output_dir}: no {MANIFEST_FILE} (not a finished preprocessing output)") from None
+    except ValueError as e:
+        raise RecordError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or "settings" not in manifest:
+        raise RecordError(f"{path}: unreadable ('settings' missing)")
+    return manifest
+
+
 def shard_paths(output_dir: str) -> list[str]:
     """Finished shards of every task (temporary files are never listed), checked for one shard count."""
     names = sorted(n for n in os.listdir(output_dir) if SHARD_PATTERN.match(n))
@@ -259,4 +277,4 @@ def open(output_dir: str) -> Records:  # noqa: A001 - the name docs/architecture
     return Records(output_dir)
 
 
-__all__ = ["open", "Records", "RecordError", "encode", "decode", "shard_name", "shard_paths"]
+__all__ = ["open", "Records", "RecordError", "encode", "decode", "shard_name", "shard_paths", "read_manifest"]

@@ -39,6 +39,18 @@ def token_count(num_keyframes: int, num_p_steps: int, tokens_per_keyframe: int =
     return num_keyframes * tokens_per_keyframe + num_p_steps * tokens_per_p_step
 
 
+def gop_starts(steps: np.ndarray, gop: int, fusion: int) -> np.ndarray:
+    """Which steps start a GOP, from their indices alone: step t's first frame is t * fusion, and the
+    canonical re-encode starts a GOP every `gop` frames. What training knows before reading a record."""
+    return (np.asarray(steps) * fusion) % gop == 0
+
+
+def step_seconds(steps: np.ndarray, fusion: int, fps: float) -> np.ndarray:
+    """Seconds from the video's start of each step, as LLaVA-Video's time instruction states them
+    (frame index / fps): a step is every `fusion`-th frame of the video resampled to `fps`."""
+    return (np.asarray(steps, np.float64) * fusion / fps).astype(np.float32)
+
+
 def keyframe_positions(steps_per_gop: int, keyframes_per_gop: int) -> np.ndarray:
     """Evenly spaced positions within a full GOP, starting at its I step: 8 steps, 4 keyframes -> 0 2 4 6."""
     if not 1 <= keyframes_per_gop <= steps_per_gop:

@@ -45,15 +45,16 @@ def killed_run_script(stage: str) -> str:
     return f"""
 import os, signal, sys
 from configs import {stage} as configs
-from cope_jax.training import core, {stage} as stage
-save = core.Checkpoints.save
+from cope_jax import checkpoints
+from cope_jax.training import {stage} as stage
+save = checkpoints.Checkpoints.save
 def save_then_die(self, step, *args, **kwargs):
     saved = save(self, step, *args, **kwargs)
     if step == 4:
         self.wait()
         os.kill(os.getpid(), signal.SIGKILL)
     return saved
-core.Checkpoints.save = save_then_die
+checkpoints.Checkpoints.save = save_then_die
 config = configs.get_config("tiny")
 for key, value in eval(sys.argv[1]).items():
     config[key] = value

@@ -19,7 +19,9 @@ from cope_jax.inference.generation import SamplingConfig, generate_from_embeddin
 from cope_jax.models.cope.modeling import tiny_delta_for_tower
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder
 from cope_jax.models.siglip.modeling import SiglipVisionConfig
-from cope_jax.tokenizer import chatml_tokenizer
+from cope_jax.video import prompt as prompts
+from cope_jax.video.stream import plan_video, video_batch, video_from_file
+from cope_jax.video.tokenizer import chatml_tokenizer
 from data_pipeline import preprocess
 
 # 112 px: a multiple of 16 (MPEG-4 macroblocks) and of the 14 px patches (8x8 -> 4x4 pooled: 20 tokens per keyframe).
@@ -127,7 +129,7 @@ def loaded(cope_dir):
 
 @pytest.fixture(scope="module")
 def camera_video(loaded):
-    return inference.video_from_file(CAMERA_CLIP, loaded[2].preprocessing)
+    return video_from_file(CAMERA_CLIP, loaded[2].preprocessing)
 
 
 def new_chat(loaded, video, n=8, **switches):
@@ -138,8 +140,8 @@ def new_chat(loaded, video, n=8, **switches):
 
 def visual_stream(model, video, settings):
     """The video's visual stream, recomputed without the session."""
-    plan = inference.plan_video(video, settings)
-    batch = inference.video_batch([plan], [video.read(plan.steps)], model.config.tokens_per_keyframe,
+    plan = plan_video(video, settings)
+    batch = video_batch([plan], [video.read(plan.steps)], model.config.tokens_per_keyframe,
                                   model.config.tokens_per_p_step, video.size)
     stream = model.encode_video(jnp.asarray(batch.keyframes), jnp.asarray(batch.mv), jnp.asarray(batch.residual),
                                 jnp.asarray(batch.token_source))
@@ -189,7 +191,7 @@ def test_kv_cache_generation_equals_full_recomputation(loaded, camera_video):
     prompt_length = session.last.prompt_tokens
     ids, is_visual = jnp.asarray([session.ids[:prompt_length]]), jnp.asarray([session.is_visual[:prompt_length]])
     embeds = model.merge_visual(ids, is_visual, visual_stream(model, camera_video, settings))
-    stop = set(inference.prompt.stop_token_ids(tokenizer))
+    stop = set(prompts.stop_token_ids(tokenizer))
     full = embeds.shape[1] + 12  # left-padded to one length: one compiled cache-free forward
     last_logits = nnx.jit(lambda lm, e, mask: lm.forward(e, mask)[0, -1])
     recomputed = []

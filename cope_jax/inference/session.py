@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from cope_jax.inference.generation import SamplingConfig, decode_step, prefill
-from cope_jax.inference import prompt as prompts
-from cope_jax.inference.stream import Video, VideoInputError, VideoSettings, plan_video, round_up, video_batch
+from cope_jax.video import prompt as prompts
+from cope_jax.video.settings import VideoInputError, VideoSettings
+from cope_jax.video.stream import Video, plan_video, round_up, video_batch
 from cope_jax.models.cope.modeling import CoPEVideoLM, assemble_stream
 from cope_jax.models.qwen2.modeling import KVCache
 

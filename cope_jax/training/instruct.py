@@ -20,12 +20,18 @@ import os
 import re
 
 import grain.python as grain
+import jax
 import numpy as np
 
 from cope_jax.errors import ConfigError, UserError
-from cope_jax.inference import prompt
-from cope_jax.inference.stream import Video, VideoSettings, plan_video, video_batch
-from data_pipeline import codec, records
+from cope_jax.training.loop import log
+from cope_jax.video import prompt
+from cope_jax.video.settings import VideoSettings
+from cope_jax.video.stream import Video, plan_video, video_batch
+from data_pipeline import records, sampler
+from data_pipeline.loaders import pair_loader
+
+SKIPPED_FILE = "skipped.jsonl"
 
 
 class AnnotationError(UserError):
@@ -162,26 +168,6 @@ class Example:
     visual_tokens: int
 
 
-def data_settings(data_dir: str) -> dict:
-    path = os.path.join(os.path.expanduser(data_dir), "manifest.json")
-    try:
-        with open(path) as f:
-            return json.load(f)["settings"]
-    except FileNotFoundError:
-        raise records.RecordError(f"{data_dir}: no manifest.json (not a finished preprocessing output)") from None
-    except (ValueError, KeyError) as e:
-        raise records.RecordError(f"{path}: unreadable ({e})") from None
-
-
-def preprocessing_settings(data_dir: str) -> codec.Settings:
-    """The codec.Settings a preprocessing output was made with (its manifest's settings)."""
-    manifest = data_settings(data_dir)
-    return codec.Settings(**{k: v for k, v in manifest.items() if k in _SETTINGS_FIELDS})
-
-
-_SETTINGS_FIELDS = {f.name for f in dataclasses.fields(codec.Settings)}
-
-
 class InstructSource(grain.RandomAccessDataSource):
     """Checked, budgeted rows -> fixed-shape examples (`__getitem__`)."""
 
@@ -189,7 +175,7 @@ class InstructSource(grain.RandomAccessDataSource):
                  tokens_per_keyframe: int, tokens_per_p_step: int, max_seq_len: int, size: int):
         self.rows, self.tokenizer, self.settings = rows, tokenizer, settings
         self.records = records.open(data_dir)
-        self.preprocessing = data_settings(data_dir)
+        self.preprocessing = records.read_manifest(data_dir)["settings"]
         self.videos = self.records.videos()
         self.tokens_per_keyframe, self.tokens_per_p_step = tokens_per_keyframe, tokens_per_p_step
         self.max_seq_len, self.size = max_seq_len, size
@@ -213,13 +199,12 @@ class InstructSource(grain.RandomAccessDataSource):
         self.visual_slots = max(e.visual_tokens for e in self.examples)
 
     def video(self, record: int) -> Video:
-        """A record as `stream.Video`, from its sidecar counts alone: step t starts a GOP iff
-        t * fusion is a multiple of gop (the canonical re-encode's fixed GOP)."""
+        """A record as `stream.Video`, from its sidecar counts alone (the sampler's step rules)."""
         entry, p = self.videos[record], self.preprocessing
         steps = np.arange(entry["steps"])
         return Video(video_id=entry["video_id"], source=entry["source"], fps=p["fps"], gop=p["gop"], fusion=p["fusion"],
-                     size=p["size"], is_gop_start=(steps * p["fusion"]) % p["gop"] == 0,
-                     timestamps=(steps * p["fusion"] / p["fps"]).astype(np.float32),
+                     size=p["size"], is_gop_start=sampler.gop_starts(steps, p["gop"], p["fusion"]),
+                     timestamps=sampler.step_seconds(steps, p["fusion"], p["fps"]),
                      read=lambda wanted: self.records.read(record, wanted), seconds=float(entry["seconds"]))
 
     def _prompt(self, row: dict, video: Video, max_gops: int):
@@ -240,6 +225,21 @@ class InstructSource(grain.RandomAccessDataSource):
             if len(tokens) <= self.max_seq_len:
                 return Example(i, record, max_gops, len(tokens), plan.num_keyframes, plan.num_p_steps, visual)
         raise BadRow(f"{len(tokens)} tokens even with one GOP ({visual} visual); max_seq_len is {self.max_seq_len}")
+
+    def write_skipped(self, workdir: str) -> None:
+        """<workdir>/skipped.jsonl: every row that cannot train and why; a one-line summary in the log."""
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, SKIPPED_FILE), "w") as f:
+                for entry in self.skipped:
+                    f.write(json.dumps(entry) + "\n")
+        if self.skipped:
+            reasons = {}
+            for entry in self.skipped:
+                reason = entry["reason"].split(":")[0]
+                reasons[reason] = reasons.get(reason, 0) + 1
+            log(f"skipped {len(self.skipped)} of {len(self.rows)} rows (listed in {os.path.join(workdir, SKIPPED_FILE)}): "
+                + "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3]))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -264,8 +264,6 @@ class InstructSource(grain.RandomAccessDataSource):
 def loader(source: InstructSource, *, global_batch_size: int, seed: int, workers: int, process_index: int = 0,
            process_count: int = 1) -> grain.DataLoader:
     """As `data_pipeline.loaders.pair_loader`: one global shuffle per epoch, each process its slice."""
-    from data_pipeline.loaders import pair_loader
-
     return pair_loader(source, global_batch_size=global_batch_size, seed=seed, workers=workers,
                        process_index=process_index, process_count=process_count)
 

@@ -1,8 +1,8 @@
-"""Training metrics to the console and to TensorBoard event files, without TensorFlow.
+"""Training metrics: TensorBoard event files without TensorFlow, and throughput.
 
 An event file is a TFRecord stream of `Event` protos: each record is
 `u64 length | masked crc32c(length) | data | masked crc32c(data)`. Scalars need only three
-proto messages, encoded by hand below, so TensorBoard works with no extra dependency.
+proto messages, encoded by hand below, so TensorBoard works with no extra dependency. `Throughput` gives steps/s, examples/s and the ETA.
 """
 
 from __future__ import annotations
@@ -142,3 +142,25 @@ class MetricWriter:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+
+
+class Throughput:
+    """steps/s, examples/s and ETA over the last logging window."""
+
+    def __init__(self, start_step: int, total_steps: int, batch_size: int):
+        self.total, self.batch = total_steps, batch_size
+        self.step, self.time = start_step, time.perf_counter()
+
+    def update(self, step: int) -> dict:
+        if step == self.step:  # the window ended where the meter started: nothing to measure yet
+            return {}
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        return {"steps_per_second": rate, "examples_per_second": rate * self.batch,
+                "eta_seconds": (self.total - step) / max(rate, 1e-9)}
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

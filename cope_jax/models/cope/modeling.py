@@ -10,7 +10,7 @@ projector -> (4 motion tokens, newline, 4 residual tokens, newline) = 10 tokens.
 
 A video is a stream of both, in time order (`encode_video`): every keyframe of a batch goes through
 SigLIP in one call, every P step through the Δ-encoder in one call, and one gather by precomputed
-source index (`cope_jax.inference.stream`) puts each token in place, so shapes are static and
+source index (`cope_jax.video.stream`) puts each token in place, so shapes are static and
 videos of different lengths batch behind a mask.
 """
 
@@ -186,7 +186,7 @@ class CoPEVideoLM(nnx.Module):
         """The visual token stream of a batch of videos (docs/architecture.md §7).
 
         keyframes uint8 or normalised float [K,H,W,3] (every keyframe of the batch), mv [P,H,W,2] and
-        residual [P,H,W,3] (every P step), token_source int32 [B,L] (`inference.stream`: index into
+        residual [P,H,W,3] (every P step), token_source int32 [B,L] (`video.stream`: index into
         the keyframe tokens, then the P-step tokens, then one zero row for padding) -> [B,L,D_llm].
         """
         return assemble_stream(self.keyframe_token_table(keyframes), self.p_step_token_table(mv, residual, zero_delta),
@@ -199,7 +199,7 @@ class CoPEVideoLM(nnx.Module):
         keyframes [B,Ks,H,W,3], mv [B,Ps,H,W,2], residual [B,Ps,H,W,3] (each video's padded slots),
         token_source int32 [B,L] indexing that video's own table: its Ks * tokens_per_keyframe
         keyframe tokens, then its Ps * tokens_per_p_step P-step tokens, then one zero row
-        (`inference.stream.video_batch` of that video alone) -> [B,L,D_llm]. Every frame of the
+        (`video.stream.video_batch` of that video alone) -> [B,L,D_llm]. Every frame of the
         batch still goes through SigLIP, and every P step through the Δ-encoder, in one call."""
         b, d = keyframes.shape[0], self.config.text.hidden_size
         key_table = self.keyframe_token_table(keyframes.reshape(-1, *keyframes.shape[2:])).reshape(b, -1, d)
@@ -228,7 +228,7 @@ class CoPEVideoLM(nnx.Module):
     def merge_visual(self, input_ids: jax.Array, is_visual: jax.Array, visual: jax.Array) -> jax.Array:
         """Token ids int32[B,T] whose `is_visual` slots take the visual stream [B,L,D] in order -> [B,T,D].
 
-        The j-th visual slot of a row takes visual[b, j] (cumsum over the mask; STYLE.md 15), so the
+        The j-th visual slot of a row takes visual[b, j] (a cumsum over the mask, so every shape stays static), so the
         text around it can be padded or bucketed freely."""
         lm = self.language_model
         text = lm.embed(jnp.where(is_visual, 0, input_ids))

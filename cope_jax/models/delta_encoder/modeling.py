@@ -10,7 +10,7 @@ DeltaPretrainer adds the reference and warped transformers that predict the next
 tokens; they are dropped after pretraining.
 
 The paper's sizes (4 layers, d = 1152, 9 heads) and its "<15M parameters" disagree; every size is a
-config field and `parameter_count` reports the truth (README).
+config field and `parameter_count` reports the truth (docs/training.md).
 """
 
 from __future__ import annotations

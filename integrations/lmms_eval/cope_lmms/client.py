@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
-# The §7 switches the server takes as extra request fields (cope_jax/serve.py SWITCHES).
+# The §7 switches the server takes as extra request fields (cope_jax/video/switches.py SWITCHES; this client runs where cope_jax is not installed).
 SWITCHES = {"keyframes_per_gop": int, "delta_mode": str, "dense_frames": int, "max_gops": int}
 RETRY_STATUSES = (502, 503, 504)  # a proxy in front of a (re)starting server; 500 is a bug and repeats
 HINTS = {

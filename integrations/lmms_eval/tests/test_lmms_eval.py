@@ -23,7 +23,10 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "integrations" / "lmms_eval")]
 
 from test_chat import cope_dir, delta_dir, source_dir  # noqa: E402, F401 - the tiny checkpoint fixtures
 
-from cope_jax import evaluate, inference, serve  # noqa: E402
+from cope_jax import evaluate, inference  # noqa: E402
+from cope_jax.evaluation import questions as question_file  # noqa: E402
+from cope_jax.serving.http import make_server  # noqa: E402
+from cope_jax.serving.service import MediaPolicy, Service  # noqa: E402
 from cope_lmms import client  # noqa: E402 - standard library only: importable here
 from data_pipeline import synthetic  # noqa: E402
 
@@ -67,9 +70,9 @@ def videos(tmp_path_factory):
 def server(cope_dir, videos):  # noqa: F811
     model, tokenizer, settings = inference.load(cope_dir)
     logs = []
-    service = serve.Service(model, tokenizer, settings, name="tiny-cope", media=serve.MediaPolicy([str(videos[0])]),
-                            log=logs.append)
-    server = serve.make_server(service, "127.0.0.1", 0)
+    service = Service(model, tokenizer, settings, name="tiny-cope", media=MediaPolicy([str(videos[0])]),
+                      log=logs.append)
+    server = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.logs = logs
     yield server
@@ -91,7 +94,7 @@ def questions_from(rows) -> list[dict]:
 
 
 def ask_directly(server, question: dict, videos_dir) -> str:
-    text = evaluate.prompt_text(evaluate.parse_question(question))
+    text = question_file.prompt_text(question_file.parse_question(question))
     body = client.chat_body(os.path.join(videos_dir, question["video"]), text, max_tokens=MAX_NEW_TOKENS,
                             switches=SWITCHES)
     return client.answer_text(client.Client(f"http://127.0.0.1:{server.port}").chat(body))
@@ -106,7 +109,7 @@ def questions_file(server, videos, tmp_path_factory):
     questions = questions_from(rows)
     named = 0
     for question in questions:
-        letter = evaluate.answer_letter(ask_directly(server, question, directory), "ABCD")
+        letter = question_file.answer_letter(ask_directly(server, question, directory), "ABCD")
         if letter:
             question["answer"] = letter if named % 2 == 0 else "ABCD"[("ABCD".index(letter) + 1) % 4]
             named += 1
@@ -249,9 +252,9 @@ def test_lmms_eval_reports_cope_jax_evaluates_scores_and_answers(lmms_bin, serve
 def test_a_refused_video_fails_the_run_with_the_servers_message(lmms_bin, server, videos, questions_file, tmp_path):
     """A server whose --allowed-media-path misses the videos: lmms-eval exits non-zero (DEBUG) with the 403's text."""
     service = server.service
-    refusing = serve.make_server(serve.Service(service.model, service.tokenizer, service.settings, name="tiny-cope",
-                                               media=serve.MediaPolicy([str(tmp_path)]), log=lambda line: None),
-                                 "127.0.0.1", 0)
+    refusing = make_server(Service(service.model, service.tokenizer, service.settings, name="tiny-cope",
+                                   media=MediaPolicy([str(tmp_path)]), log=lambda line: None),
+                           "127.0.0.1", 0)
     threading.Thread(target=refusing.serve_forever, daemon=True).start()
     try:
         task_dir = write_task(tmp_path / "tasks" / TASK, questions_file[0], videos[0])

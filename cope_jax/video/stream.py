@@ -15,59 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cope_jax.errors import UserError
-from cope_jax.models.cope.modeling import DELTA_MODES
-from data_pipeline import codec, records, sampler
-
-
-class VideoInputError(UserError, ValueError):
-    """A video, record or setting that cannot give a correct token stream; the message names it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoSettings:
-    """Everything that changes what the LLM reads from a video; saved with every CoPE checkpoint."""
-
-    # Preprocessing (docs/architecture.md §3; paper §4.1: MPEG-4, 30 fps, GOP 240, fusion 30 = 1 step/s).
-    preprocessing: codec.Settings = dataclasses.field(default_factory=codec.Settings)
-    # Keyframes per GOP, the rest P steps (paper §4.1, Tab. 1). 4 is what CoPE-VideoLM is
-    # fine-tuned with (App. C: "4 keyframes + 4 P-frames per GOP"); 1 is the fastest (Fig. 4a).
-    keyframes_per_gop: int = 4
-    max_gops: int = 64  # longer videos: uniform GOP sampling (paper §4.1, "Frame Sampling")
-    delta_mode: str = "cope"  # "zero": App. H.3; "keyframes_only": App. H.4
-    dense_frames: int = 0  # > 0: the LLaVA-Video baseline, N frames uniformly, all keyframes
-    time_instruction: bool = True  # LLaVA-Video's "The video lasts for ..." preamble
-
-    def __post_init__(self):
-        if isinstance(self.preprocessing, dict):
-            object.__setattr__(self, "preprocessing", codec.Settings(**self.preprocessing))
-
-    def check(self) -> None:
-        problems = []
-        try:
-            self.preprocessing.check()
-        except ValueError as e:
-            problems.append(str(e))
-        steps_per_gop = self.preprocessing.gop // max(self.preprocessing.fusion, 1)
-        if not 1 <= self.keyframes_per_gop <= max(steps_per_gop, 1):
-            problems.append(f"keyframes_per_gop must be in 1..{steps_per_gop} (steps per GOP = gop / fusion), "
-                            f"got {self.keyframes_per_gop}")
-        if self.max_gops < 1:
-            problems.append(f"max_gops must be >= 1, got {self.max_gops}")
-        if self.delta_mode not in DELTA_MODES:
-            problems.append(f"delta_mode must be one of {', '.join(DELTA_MODES)}, got {self.delta_mode!r}")
-        if self.dense_frames < 0:
-            problems.append(f"dense_frames must be >= 0, got {self.dense_frames}")
-        if problems:
-            raise VideoInputError("; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VideoSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+from cope_jax.video.settings import VideoInputError, VideoSettings
+from data_pipeline import codec, preprocess, records, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +50,6 @@ def _video_from_record_bytes(data: bytes, seconds: float) -> Video:
 
 def video_from_file(path: str, settings: codec.Settings) -> Video:
     """Any video file preprocessing accepts, turned into primitives in memory by the same code."""
-    from data_pipeline import preprocess
-
     try:
         data, counts = preprocess.encode_video(os.path.expanduser(path), settings)
     except codec.VideoError as e:
@@ -143,14 +90,7 @@ def plan_video(video: Video, settings: VideoSettings) -> VideoPlan:
         steps, keyframe = plan.steps, plan.is_keyframe
         if settings.delta_mode == "keyframes_only":
             steps, keyframe = steps[keyframe], keyframe[keyframe]
-    return VideoPlan(steps.astype(np.int32), keyframe, step_times(video, steps), video.duration)
-
-
-def step_times(video: Video, steps: np.ndarray) -> np.ndarray:
-    """Seconds from the video's start of each step, as LLaVA-Video's time instruction states them
-    (frame index / fps): a step is every `fusion`-th frame of the video resampled to `fps`. Known
-    from the step index alone, so training can count prompt tokens before reading any record."""
-    return (np.asarray(steps, np.float64) * video.fusion / video.fps).astype(np.float32)
+    return VideoPlan(steps.astype(np.int32), keyframe, sampler.step_seconds(steps, video.fusion, video.fps), video.duration)
 
 
 @dataclasses.dataclass(frozen=True)

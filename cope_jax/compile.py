@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cope_jax import accelerators, sharding
+from cope_jax import accelerators, checkpoints, sharding
 from cope_jax.errors import ConfigError
 from cope_jax.models.attention import set_attention
 from cope_jax.models.common import set_remat, set_scan_layers
@@ -40,8 +40,8 @@ from cope_jax.models.qwen2.modeling import SCOPE as LLM_SCOPE
 from cope_jax.models.qwen2.modeling import KVCache, Qwen2ForCausalLM
 from cope_jax.models.siglip.modeling import SCOPE as TOWER_SCOPE
 from cope_jax.models.siglip.modeling import SiglipVisionConfig, SiglipVisionModel
-from cope_jax.training import core, finetune, instruct, pretrain
-from data_pipeline import codec
+from cope_jax.training import finetune, optimization, pretrain
+from data_pipeline import codec, records
 
 GiB = 2**30
 MFU = 0.45
@@ -50,7 +50,7 @@ MFU = 0.45
 # keyframe and P-step slots come to when any video is long enough. GOPs are those of
 # config.data_dir's preprocessing, else of the demo clips (run_pretrain) or the preprocessing defaults.
 TEXT_TOKENS = 256
-DEMO_PREPROCESSING = codec.Settings(gop=120, fusion=10)  # the built-in demo clips (finetune.prepare_demo_data)
+DEMO_PREPROCESSING = codec.Settings(gop=120, fusion=10)  # the built-in demo clips (training.demo)
 # Deviceless GPU compiles have no autotuner, and XLA's Triton GEMM emitter then finds no tile for
 # some of the tower's projections ("Couldn't find output tile sizes"): cuBLAS takes every GEMM.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
@@ -170,12 +170,12 @@ def stage_programs(config, mesh, target) -> list[Program]:
 
 def finetune_model_config(config) -> CoPEConfig:
     """The model `--mode=train` builds: config.model, with the tower and Δ-encoder of stage 1 when
-    the run starts with it (finetune._random_model)."""
+    the run starts with it (finetune.random_model)."""
     try:
         model_config = CoPEConfig.from_dict(config.model.to_dict())
         if config.run_pretrain:
             model_config = dataclasses.replace(model_config, vision=SiglipVisionConfig(**dict(config.pretrain.siglip)),
-                                               delta=pretrain.delta_config(config.pretrain))
+                                               delta=checkpoints.stage1_delta_config(config.pretrain))
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"config.model: {e}") from None
     return model_config
@@ -184,7 +184,7 @@ def finetune_model_config(config) -> CoPEConfig:
 def video_slots(config, model_config: CoPEConfig) -> tuple[int, int]:
     """(keyframe slots, P-step slots) per sample: the most GOPs that fit max_seq_len beside TEXT_TOKENS."""
     if config.data_dir:
-        preprocessing = instruct.preprocessing_settings(config.data_dir)
+        preprocessing = codec.Settings.from_dict(records.read_manifest(config.data_dir)["settings"])
     else:  # the built-in pipeline's demo clips, else what preprocessing writes by default (paper §4.1)
         preprocessing = DEMO_PREPROCESSING if config.run_pretrain else codec.Settings()
     steps = preprocessing.gop // preprocessing.fusion
@@ -199,7 +199,7 @@ def video_slots(config, model_config: CoPEConfig) -> tuple[int, int]:
 
 def finetune_programs(config, mesh, target) -> list[Program]:
     finetune.check_config(config)
-    config = finetune.with_accumulation(config, mesh)
+    config = optimization.with_accumulation(config, mesh)
     accumulation = config.grad_accum_steps
     model_config = finetune_model_config(config)
     compute = jnp.dtype(config.compute_dtype)
@@ -207,10 +207,10 @@ def finetune_programs(config, mesh, target) -> list[Program]:
     set_remat(model, config.remat)
     set_attention(model, config.attention, platform=target.platform)
     set_scan_layers(model, config.scan_layers)
-    rules = core.logical_rules(config)
+    rules = sharding.logical_rules(config)
     graph, params, frozen, rest = (place(tree, mesh, rules) if i else tree
-                                   for i, tree in enumerate(finetune.split_trainable(model, config)))
-    tx, _, _ = finetune.make_optimizer(config, params)
+                                   for i, tree in enumerate(optimization.split_trainable(model, config)))
+    tx, _, _ = optimization.make_optimizer(config, params)
     opt_state = optimizer_state(tx, params, mesh)
     train_step, _ = finetune.make_functions(graph, tx, config)
     keyframes, p_steps = video_slots(config, model_config)
@@ -219,7 +219,7 @@ def finetune_programs(config, mesh, target) -> list[Program]:
     programs = []
     for length in sorted(config.length_buckets):
         batch = stage2_batch(config.batch_size, length, keyframes, p_steps, min(visual, length), size,
-                             core.batch_sharding(mesh))
+                             sharding.batch_sharding(mesh, rules))
         micro = stage2_batch(config.batch_size // accumulation, length, keyframes, p_steps, min(visual, length), size)
         flops = _finetune_flops(graph, params, frozen, rest, micro, config, model_config, length, accumulation)
         programs.append(train_program(f"L={length}", train_step, (params, opt_state, frozen, rest, batch), params,
@@ -271,7 +271,7 @@ def _finetune_flops(graph, params, frozen, rest, micro: dict, config, model_conf
         model = nnx.merge(graph, params, frozen, rest)
         set_attention(model, "xla")  # a loop-free attention whose products the count sees
         set_remat(model, "none")
-        g, p, f, r = finetune.split_trainable(model, config)
+        g, p, f, r = optimization.split_trainable(model, config)
         counting = config.copy_and_resolve_references()
         with counting.unlocked():
             counting.remat, counting.loss_chunk = "none", length
@@ -290,10 +290,10 @@ def _finetune_flops(graph, params, frozen, rest, micro: dict, config, model_conf
 
 
 def pretrain_programs(config, mesh, target) -> list[Program]:
-    core.check_positive(config, "batch_size", "total_steps", "learning_rate")
-    pretrain.check_accumulation(config, mesh)
+    pretrain.check_config(config)
+    optimization.with_accumulation(config, mesh)
     compute = jnp.dtype(config.compute_dtype)
-    model_config = pretrain.delta_config(config)
+    model_config = checkpoints.stage1_delta_config(config)
     try:
         tower_config = SiglipVisionConfig(**dict(config.siglip))
     except (TypeError, ValueError) as e:
@@ -304,14 +304,14 @@ def pretrain_programs(config, mesh, target) -> list[Program]:
         set_attention(module, config.attention, platform=target.platform)
         set_scan_layers(module, config.scan_layers)
     set_remat(model, config.remat)
-    rules = core.logical_rules(config)
-    model_graph, params, rest = nnx.split(model, nnx.Param, ...)
+    rules = sharding.logical_rules(config)
+    model_graph, params, _, rest = optimization.split_trainable(model, config)
     tower_graph, tower_state = nnx.split(tower)
     params, rest, tower_state = (place(t, mesh, rules) for t in (params, rest, tower_state))
-    tx, _ = core.make_optimizer(config)
+    tx, _, _ = optimization.make_optimizer(config, params)
     opt_state = optimizer_state(tx, params, mesh)
     train_step, *_ = pretrain.make_functions(model_graph, tower_graph, tx, mesh, config.grad_accum_steps)
-    batch = stage1_batch(config.batch_size, model_config.image_size, core.batch_sharding(mesh))
+    batch = stage1_batch(config.batch_size, model_config.image_size, sharding.batch_sharding(mesh, rules))
 
     def flops() -> float:
         counting = nnx.merge(model_graph, params, rest)
@@ -319,7 +319,7 @@ def pretrain_programs(config, mesh, target) -> list[Program]:
         for module in (counting, counting_tower):
             set_attention(module, "xla")
         set_remat(counting, "none")
-        g, p, r = nnx.split(counting, nnx.Param, ...)
+        g, p, _, r = optimization.split_trainable(counting, config)
         tg, ts = nnx.split(counting_tower)
         grad = pretrain.make_functions(g, tg, tx, mesh)[-1]
         return jaxpr_flops(grad, p, r, ts, stage1_batch(config.batch_size, model_config.image_size))
@@ -347,8 +347,8 @@ def place(tree, mesh, rules):
 
 
 def optimizer_state(tx, params, mesh):
-    """Abstract optimizer state on the shardings `core.init_optimizer_state` gives it."""
-    shardings = core.optimizer_state_shardings(tx, params, mesh)
+    """Abstract optimizer state on the shardings `optimization.init_optimizer_state` gives it."""
+    shardings = optimization.optimizer_state_shardings(tx, params, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         jax.eval_shape(tx.init, params), shardings)
 
@@ -496,9 +496,9 @@ def header(config, target, mesh) -> str:
              f"({target.chip.memory_bytes / GiB:.1f} GiB, {target.chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 each, "
              f"{hosts} host{'s' * (hosts > 1)}); mesh {mesh_text}; compute {config.compute_dtype}, remat "
              f"{config.get('remat', 'none')}, scan_layers {config.scan_layers}, attention {config.attention}"]
-    accumulation = (finetune.with_accumulation(config, mesh) if config.stage == "finetune" else config).grad_accum_steps
+    accumulation = optimization.with_accumulation(config, mesh).grad_accum_steps
     lines.append(f"global batch {config.batch_size} in {accumulation} micro-batch{'es' * (accumulation > 1)} = "
-                 f"{config.batch_size // accumulation // core.batch_shards(mesh)} "
+                 f"{config.batch_size // accumulation // sharding.batch_shards(mesh)} "
                  f"{'row(s)' if config.stage == 'finetune' else 'pairs'} per device at a time")
     if target.reserve_bytes:
         lines.append(f"fits: total + {target.reserve_bytes / GiB:.0f} GiB (cuDNN/NCCL workspaces, CUDA context) <= "

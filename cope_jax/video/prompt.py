@@ -13,7 +13,7 @@ A conversation is rendered as `Piece`s and each piece is tokenized on its own, a
 `tokenizer_image_token` splits at the placeholder and `preprocess_qwen` tokenizes per role: so the
 ids of a conversation are the ids of its turns laid end to end, which lets a chat feed only the
 new turn into its KV cache, and the loss mask covers exactly the assistant's words and its
-`<|im_end|>` (never the role markers; LESSONS.md).
+`<|im_end|>` (never the role markers, which LLaVA's own masks have been seen to leak).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 
 from cope_jax import distributed
+from cope_jax.training.loop import log
+from data_pipeline import records
 
 KS = (1, 2, 5)
 
@@ -61,3 +63,12 @@ def format_result(result: dict) -> str:
         return "retrieval: no P-step queries (videos too short)"
     cells = "  ".join(f"R@{k} {result[f'delta_recall@{k}']:.3f} vs {result[f'siglip_recall@{k}']:.3f}" for k in KS)
     return f"next-frame retrieval over {result['queries']} queries (Δ-encoder vs SigLIP-only): {cells}"
+
+
+def evaluate(stage, params) -> dict:
+    """The evaluator of a stage-1 run (`pretrain.Stage`): retrieval over its own records."""
+    result = next_frame_retrieval(
+        records.open(stage.data_dir), lambda rgb: stage.siglip_tokens(stage.siglip_state, rgb),
+        lambda prev, mv, residual: stage.predict(params, stage.rest, prev, mv, residual), stage.config.eval_max_videos)
+    log(format_result(result))
+    return result

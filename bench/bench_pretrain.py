@@ -39,7 +39,7 @@ def tiny_step() -> tuple[float, int]:
         state = {"params": stage.params, "opt": stage.tx.init(stage.params)}
 
         def step():
-            state["params"], state["opt"], m = stage.train_step(state["params"], state["opt"], stage.rest, stage.siglip_state, batch)
+            state["params"], state["opt"], m = stage.train_step(state["params"], state["opt"], stage.frozen, stage.rest, batch)
             jax.block_until_ready(m["loss"])
 
         return median_seconds(step, warmup=3, repeats=20), config.batch_size

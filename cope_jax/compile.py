@@ -303,28 +303,24 @@ def pretrain_programs(config, mesh, target) -> list[Program]:
     for module in (model, tower):
         set_attention(module, config.attention, platform=target.platform)
         set_scan_layers(module, config.scan_layers)
-    set_remat(model, config.remat)
+    set_remat(model, config.remat)  # before the tower joins, as pretrain.Stage does
     rules = sharding.logical_rules(config)
-    model_graph, params, _, rest = optimization.split_trainable(model, config)
-    tower_graph, tower_state = nnx.split(tower)
-    params, rest, tower_state = (place(t, mesh, rules) for t in (params, rest, tower_state))
+    graph, params, frozen, rest = (place(tree, mesh, rules) if i else tree for i, tree in enumerate(
+        optimization.split_trainable(pretrain.with_target_tower(model, tower), config, frozen=pretrain.FROZEN)))
     tx, _, _ = optimization.make_optimizer(config, params)
     opt_state = optimizer_state(tx, params, mesh)
-    train_step, *_ = pretrain.make_functions(model_graph, tower_graph, tx, mesh, config.grad_accum_steps)
+    train_step, *_ = pretrain.make_functions(graph, tx, mesh, config.grad_accum_steps)
     batch = stage1_batch(config.batch_size, model_config.image_size, sharding.batch_sharding(mesh, rules))
 
     def flops() -> float:
-        counting = nnx.merge(model_graph, params, rest)
-        counting_tower = nnx.merge(tower_graph, tower_state)
-        for module in (counting, counting_tower):
-            set_attention(module, "xla")
+        counting = nnx.merge(graph, params, frozen, rest)
+        set_attention(counting, "xla")
         set_remat(counting, "none")
-        g, p, _, r = optimization.split_trainable(counting, config)
-        tg, ts = nnx.split(counting_tower)
-        grad = pretrain.make_functions(g, tg, tx, mesh)[-1]
-        return jaxpr_flops(grad, p, r, ts, stage1_batch(config.batch_size, model_config.image_size))
+        g, p, f, r = optimization.split_trainable(counting, config, frozen=pretrain.FROZEN)
+        grad = pretrain.make_functions(g, tx, mesh)[-1]
+        return jaxpr_flops(grad, p, f, r, stage1_batch(config.batch_size, model_config.image_size))
 
-    return [train_program(f"{config.batch_size} pairs", train_step, (params, opt_state, rest, tower_state, batch),
+    return [train_program(f"{config.batch_size} pairs", train_step, (params, opt_state, frozen, rest, batch),
                           params, config.batch_size, "P steps", flops)]
 
 

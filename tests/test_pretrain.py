@@ -82,7 +82,7 @@ def test_tiny_model_overfits_one_batch(data_dir, tmp_path):
     params, opt_state = stage.params, stage.tx.init(stage.params)
     losses = []
     for _ in range(150):
-        params, opt_state, step_metrics = stage.train_step(params, opt_state, stage.rest, stage.siglip_state, batch)
+        params, opt_state, step_metrics = stage.train_step(params, opt_state, stage.frozen, stage.rest, batch)
         losses.append(float(step_metrics["loss"]))
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
@@ -125,7 +125,7 @@ def test_step_on_8_devices_equals_1_device(data_dir, tmp_path):
         stage = pretrain.Stage(tiny_config(data_dir, mesh=mesh), str(tmp_path))
         local = next(iter(stage.loader))
         batch = sharding.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
-        (loss, _), grads = stage.loss_and_grad(stage.params, stage.rest, stage.siglip_state, batch)
+        (loss, _), grads = stage.loss_and_grad(stage.params, stage.frozen, stage.rest, batch)
         if len(stage.mesh.devices.flat) == 8:
             assert {d for leaf in jax.tree.leaves(batch) for d in leaf.sharding.device_set} == set(jax.devices())
         results.append((float(loss), [np.asarray(x) for x in jax.tree.leaves(grads)]))
@@ -143,9 +143,9 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
         local = next(iter(stage.loader))
         if accumulation == 4:  # the summed gradients themselves (an Adam update of float-noise gradients is noise)
             batch = sharding.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, stage.mesh)
-            _, grads = stage.loss_and_grad(stage.params, stage.rest, stage.siglip_state, batch)
+            _, grads = stage.loss_and_grad(stage.params, stage.frozen, stage.rest, batch)
             _, summed = jax.jit(lambda p: optimization.accumulate_gradients(
-                stage.loss_and_grad, p, (stage.rest, stage.siglip_state), batch, 4))(stage.params)
+                stage.loss_and_grad, p, (stage.frozen, stage.rest), batch, 4))(stage.params)
             assert_gradients_close(jax.tree.map(lambda g: g / 4, summed), grads)
         metrics_by_steps.append(stage.step(stage.params, stage.tx.init(stage.params), local)[2])
     for name in ("loss", "copy_loss", "grad_norm"):
@@ -189,7 +189,7 @@ def test_resnet_trunk_from_a_converted_checkpoint(data_dir, tmp_path):
     trunk = ResNet(ResNetConfig.tiny(), rngs=nnx.Rngs(7))
     checkpoints.save(str(tmp_path / "resnet"), trunk)
     stage = pretrain.Stage(tiny_config(data_dir, resnet_checkpoint=str(tmp_path / "resnet")), str(tmp_path))
-    model = nnx.merge(stage.model_graph, stage.params, stage.rest)
+    model = nnx.merge(stage.graph, stage.params, stage.frozen, stage.rest)
     np.testing.assert_array_equal(np.asarray(model.delta_encoder.residual_trunk.conv1.kernel[...]), np.asarray(trunk.conv1.kernel[...]))
 
 
@@ -242,7 +242,7 @@ def test_frozen_siglip_from_a_converted_hf_checkpoint(data_dir, tmp_path):
     assert convert.main(["--source", str(tmp_path / "hf"), "--output", str(tmp_path / "jax")]) == 0
     stage = pretrain.Stage(tiny_config(data_dir, siglip_checkpoint=str(tmp_path / "jax")), str(tmp_path / "work"))
     rgb = next(iter(stage.loader))["rgb"][:2]
-    ours = np.asarray(stage.siglip_tokens(stage.siglip_state, rgb))
+    ours = np.asarray(stage.siglip_tokens(stage.params, stage.frozen, stage.rest, rgb))
     pixels = torch.from_numpy((rgb.astype(np.float32) / 255 - 0.5) / 0.5).permute(0, 3, 1, 2)
     with torch.no_grad():
         reference = hf(pixel_values=pixels).last_hidden_state.numpy()

@@ -68,7 +68,8 @@ def format_result(result: dict) -> str:
 def evaluate(stage, params) -> dict:
     """The evaluator of a stage-1 run (`pretrain.Stage`): retrieval over its own records."""
     result = next_frame_retrieval(
-        records.open(stage.data_dir), lambda rgb: stage.siglip_tokens(stage.siglip_state, rgb),
-        lambda prev, mv, residual: stage.predict(params, stage.rest, prev, mv, residual), stage.config.eval_max_videos)
+        records.open(stage.data_dir), lambda rgb: stage.siglip_tokens(params, stage.frozen, stage.rest, rgb),
+        lambda prev, mv, residual: stage.predict(params, stage.frozen, stage.rest, prev, mv, residual),
+        stage.config.eval_max_videos)
     log(format_result(result))
     return result

@@ -56,10 +56,11 @@ def path_name(path) -> str:
     return "/".join(path_key(path))
 
 
-def split_trainable(model: nnx.Module, config):
-    """-> graphdef, trainable params, frozen params, everything else (BatchNorm statistics)."""
+def split_trainable(model: nnx.Module, config, frozen: tuple[str, ...] = ()):
+    """-> graphdef, trainable params, frozen params, everything else (BatchNorm statistics).
+    `frozen`: regexes the stage itself freezes, beside config.frozen."""
     trainable = [re.compile(p) for p in config.get("trainable", (".*",))]
-    frozen = [re.compile(p) for p in config.get("frozen", ())]
+    frozen = [re.compile(p) for p in (*config.get("frozen", ()), *frozen)]
 
     def is_trainable(path, value) -> bool:
         name = path_name(path)

@@ -27,6 +27,9 @@ from cope_jax.training import checks, demo, loop, optimization
 from cope_jax.training.loop import log
 from data_pipeline import loaders
 
+# Stage 1 trains the Δ-pretrainer; the SigLIP tower it is aligned with stays frozen (paper §3.3).
+FROZEN = ("^target_tower/",)
+
 
 def build_siglip(config, dtype, quiet: bool = False, mesh=None) -> SiglipVisionModel:
     """The frozen tower: from a converted checkpoint, or a small random one (tiny runs only; the
@@ -52,15 +55,15 @@ def build_siglip(config, dtype, quiet: bool = False, mesh=None) -> SiglipVisionM
     return tower
 
 
-def make_functions(model_graph, siglip_graph, tx, mesh, accumulation: int = 1):
-    """Jitted train step (over `accumulation` equal micro-batches), SigLIP tokens and predictions;
-    graphdefs are static (closed over)."""
+def make_functions(graph, tx, mesh, accumulation: int = 1):
+    """Jitted train step (over `accumulation` equal micro-batches), SigLIP tokens and predictions
+    of the stage-1 model (the Δ-pretrainer with the frozen tower as `target_tower`); the graphdef is
+    static (closed over)."""
 
-    def loss_fn(params, rest, siglip_state, batch):
-        model = nnx.merge(model_graph, params, rest)
-        siglip = nnx.merge(siglip_graph, siglip_state)
-        prev_tokens = jax.lax.stop_gradient(siglip(normalize_frames(batch["prev_rgb"])))
-        target = jax.lax.stop_gradient(siglip(normalize_frames(batch["rgb"]))).astype(jnp.float32)
+    def loss_fn(params, frozen, rest, batch):
+        model = nnx.merge(graph, params, frozen, rest)
+        prev_tokens = jax.lax.stop_gradient(model.target_tower(normalize_frames(batch["prev_rgb"])))
+        target = jax.lax.stop_gradient(model.target_tower(normalize_frames(batch["rgb"]))).astype(jnp.float32)
         predicted = model(prev_tokens, batch["mv"], batch["residual"]).astype(jnp.float32)
         # What copying frame t-1's tokens would score: the bar the Δ path has to beat.
         copy_loss = jnp.mean((prev_tokens.astype(jnp.float32) - target) ** 2)
@@ -68,20 +71,20 @@ def make_functions(model_graph, siglip_graph, tx, mesh, accumulation: int = 1):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(params, opt_state, rest, siglip_state, batch):
+    def train_step(params, opt_state, frozen, rest, batch):
         # Equal micro-batches: the mean of their means is the batch's mean.
         (loss, copy_loss), grads = jax.tree.map(
             lambda total: total / accumulation,
-            optimization.accumulate_gradients(grad_fn, params, (rest, siglip_state), batch, accumulation))
+            optimization.accumulate_gradients(grad_fn, params, (frozen, rest), batch, accumulation))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
         return params, opt_state, {"loss": loss, "copy_loss": copy_loss, "grad_norm": optax.tree.norm(grads)}
 
-    def siglip_tokens(siglip_state, rgb):
-        return nnx.merge(siglip_graph, siglip_state)(normalize_frames(rgb)).astype(jnp.float32)
+    def siglip_tokens(params, frozen, rest, rgb):
+        return nnx.merge(graph, params, frozen, rest).target_tower(normalize_frames(rgb)).astype(jnp.float32)
 
-    def predict(params, rest, prev_tokens, mv, residual):
-        return nnx.merge(model_graph, params, rest)(prev_tokens, mv, residual).astype(jnp.float32)
+    def predict(params, frozen, rest, prev_tokens, mv, residual):
+        return nnx.merge(graph, params, frozen, rest)(prev_tokens, mv, residual).astype(jnp.float32)
 
     # Evaluation reads these on the host: replicated, so every process holds the whole result
     # even when the parameters are sharded across hosts.
@@ -89,6 +92,13 @@ def make_functions(model_graph, siglip_graph, tx, mesh, accumulation: int = 1):
     return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(siglip_tokens, out_shardings=replicated),
             jax.jit(predict, out_shardings=replicated),
             jax.jit(grad_fn))
+
+
+def with_target_tower(model: DeltaPretrainer, tower) -> DeltaPretrainer:
+    """The stage-1 model: the Δ-pretrainer holding the tower whose tokens it learns to predict,
+    frozen by `FROZEN` through the same regex split stage 2 freezes with."""
+    model.target_tower = tower
+    return model
 
 
 def check_config(config) -> None:
@@ -127,14 +137,14 @@ class Stage:
         for module in (model, self.siglip):
             set_attention(module, config.attention)
             set_scan_layers(module, config.scan_layers)
-        set_remat(model, config.remat)
+        set_remat(model, config.remat)  # before the tower joins: the frozen tower keeps nothing
         self.encoder_parameters = parameter_count(model.delta_encoder)
         self.heads_parameters = parameter_count(model) - self.encoder_parameters
-        self.model_graph, self.params, _, self.rest = optimization.split_trainable(model, config)
-        self.siglip_graph, self.siglip_state = nnx.split(self.siglip)
+        self.graph, self.params, self.frozen, self.rest = optimization.split_trainable(
+            with_target_tower(model, self.siglip), config, frozen=FROZEN)
         self.tx, self.schedule, _ = optimization.make_optimizer(config, self.params)
         self.train_step, self.siglip_tokens, self.predict, self.loss_and_grad = make_functions(
-            self.model_graph, self.siglip_graph, self.tx, self.mesh, config.grad_accum_steps)
+            self.graph, self.tx, self.mesh, config.grad_accum_steps)
         self.loader = loaders.pair_loader(self.source, global_batch_size=config.batch_size, seed=config.seed,
                                           workers=config.data_workers, process_index=jax.process_index(),
                                           process_count=jax.process_count())
@@ -146,7 +156,7 @@ class Stage:
     def step(self, params, opt_state, local: dict):
         batch = sharding.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, self.mesh,
                                       sharding.logical_rules(self.config))
-        return self.train_step(params, opt_state, self.rest, self.siglip_state, batch)
+        return self.train_step(params, opt_state, self.frozen, self.rest, batch)
 
     def data_order(self, local: dict) -> list:
         return np.stack([local["video"], local["step"]], 1).tolist()  # (record index, step) pairs

@@ -5,7 +5,7 @@
   abstractly and restores every array straight into the current device layout, so a checkpoint
   written on 8 devices loads on 1 and vice versa.
 - A CoPE checkpoint (docs/architecture.md §7) adds the video settings and the Δ-encoder's provenance
-  (`cope_checkpoint_info`) and the tokenizer files (`copy_tokenizer_files`, `load_tokenizer`);
+  (`cope_checkpoint_info`) and the tokenizer files (`TOKENIZER_FILES`, `copy_tokenizer_files`);
   stage 2 writes one with `export`, `cope_jax.convert` assembles one from LLaVA-Video.
 - `written_atomically`: the one writer of a checkpoint directory (aside, then renamed into place).
 - Training: `Checkpoints`, the manager of <workdir>/checkpoints (`params`, `opt_state`, the process
@@ -174,19 +174,6 @@ def copy_tokenizer_files(source: str, destination: str) -> list[str]:
     return copied
 
 
-def load_tokenizer(directory: str):
-    """The tokenizer saved beside a checkpoint (never downloaded)."""
-    import transformers  # third-party and slow to import: only when a tokenizer is loaded
-
-    if not any(os.path.exists(os.path.join(directory, name)) for name in ("tokenizer.json", "vocab.json")):
-        raise CheckpointError(f"{directory}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
-                              "cope_jax.convert copies them from the source checkpoint")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
-
-
 # ---------------------------------------------------------------------------- training checkpoints
 
 
@@ -225,7 +212,13 @@ class Checkpoints:
         """Restores `step` with the shapes, dtypes and shardings of the given (current) trees."""
         args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params)),
                                   opt_state=ocp.args.StandardRestore(_abstract(opt_state)))
-        restored = self.manager.restore(step, args=args)
+        try:
+            restored = self.manager.restore(step, args=args)
+        except ValueError as e:  # orbax: the trees' structures or shapes differ
+            raise CheckpointError(
+                f"{self.directory}/{step}: does not match this run ({str(e).splitlines()[0]}): the model, the trainable "
+                "parameters, the learning-rate groups or the cope_jax version differ from those that wrote it; resume "
+                "with the same config and version, or use a new workdir") from None
         return restored["params"], restored["opt_state"]
 
     def written_by(self, step: int) -> int | None:

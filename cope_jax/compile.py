@@ -494,7 +494,7 @@ def header(config, target, mesh) -> str:
              f"{config.get('remat', 'none')}, scan_layers {config.scan_layers}, attention {config.attention}"]
     accumulation = optimization.with_accumulation(config, mesh).grad_accum_steps
     lines.append(f"global batch {config.batch_size} in {accumulation} micro-batch{'es' * (accumulation > 1)} = "
-                 f"{config.batch_size // accumulation // sharding.batch_shards(mesh)} "
+                 f"{config.batch_size // accumulation // sharding.batch_shards(mesh, sharding.logical_rules(config))} "
                  f"{'row(s)' if config.stage == 'finetune' else 'pairs'} per device at a time")
     if target.reserve_bytes:
         lines.append(f"fits: total + {target.reserve_bytes / GiB:.0f} GiB (cuDNN/NCCL workspaces, CUDA context) <= "

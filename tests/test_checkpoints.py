@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -43,3 +44,22 @@ def test_a_directory_that_is_not_a_checkpoint_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'not-a-checkpoint'}: not a cope_jax checkpoint (no model.json; convert with python -m cope_jax.convert)"]
+
+
+def test_a_training_checkpoint_that_does_not_match_the_run_is_one_line(tmp_path):
+    """Resuming with other learning-rate groups (or a checkpoint of an older layout) changes the
+    optimizer state's tree: refused with one line naming the step, not an orbax traceback."""
+    import optax
+
+    params = {"w": jnp.ones((2, 2))}
+    written = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)).init(params)
+    grouped = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.multi_transform({"default": optax.adamw(1e-3)}, {"w": "default"})).init(params)
+    saved = checkpoints.Checkpoints(str(tmp_path), keep=2, every=1)
+    saved.save(1, params, written, force=True)
+    saved.close()
+    resumed = checkpoints.Checkpoints(str(tmp_path), keep=2, every=1)
+    np.testing.assert_array_equal(resumed.restore(1, params, written)[0]["w"], params["w"])
+    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/1: does not match this run .*new workdir"):
+        resumed.restore(1, params, grouped)
+    resumed.close()

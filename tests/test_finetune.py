@@ -324,3 +324,14 @@ def test_remat_policies_give_the_same_loss_and_gradients(demo, tmp_path):
         assert results[remat][0] == pytest.approx(results["none"][0], rel=1e-6)
         for a, b in zip(results["none"][1], results[remat][1]):
             np.testing.assert_allclose(b, a, atol=1e-6 * scale)
+
+
+def test_mesh_and_evaluator_mistakes_stop_the_run_before_anything_is_written(tmp_path):
+    from cope_jax import evaluation
+
+    uneven = tiny_config(mesh={"data": 3, "fsdp": 1, "tensor": 1})  # a batch of 4 does not split over 3 devices
+    with pytest.raises(ConfigError, match=r"= 4 is not divisible by the data x fsdp devices \(3\)"):
+        finetune.train(uneven, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ConfigError, match="'retrieval' cannot evaluate a finetune run"):
+        evaluation.for_config(tiny_config(evaluators=("retrieval",)))

@@ -1,8 +1,8 @@
 """Evaluations, one signature for all: `evaluator(stage, params) -> {name: scalar}` (big_vision's way).
 
 A training config names its evaluators (`config.evaluators`); the loop runs them every
-`config.eval_every_steps` steps (TensorBoard `eval/<name>/...`) and once at the end, after the
-export, writing each final result to <workdir>/<name>.json.
+`config.eval_every_steps` steps (TensorBoard `eval/<scalar>`) and once at the end, after the
+export, writing each final result to <workdir>/<name>.json. Each evaluator belongs to one stage.
 
 - `retrieval`: next-frame retrieval of a stage-1 run (paper App. H.6);
 - `demo_accuracy`: held-out multiple-choice accuracy of a stage-2 run on its demo questions, with
@@ -17,12 +17,17 @@ from collections.abc import Callable
 from cope_jax.errors import ConfigError
 from cope_jax.evaluation import questions, retrieval
 
-EVALUATORS: dict[str, Callable] = {"retrieval": retrieval.evaluate, "demo_accuracy": questions.demo_accuracy}
+# name -> (the stage it evaluates, the evaluator)
+EVALUATORS: dict[str, tuple[str, Callable]] = {"retrieval": ("pretrain", retrieval.evaluate),
+                                               "demo_accuracy": ("finetune", questions.demo_accuracy)}
 
 
 def for_config(config) -> dict[str, Callable]:
-    """config.evaluators (names) -> {name: evaluator}; an unknown name is a ConfigError."""
-    unknown = [name for name in config.evaluators if name not in EVALUATORS]
-    if unknown:
-        raise ConfigError(f"config.evaluators: unknown {', '.join(map(repr, unknown))} (known: {', '.join(EVALUATORS)})")
-    return {name: EVALUATORS[name] for name in config.evaluators}
+    """config.evaluators (names) -> {name: evaluator}; a name that is unknown or belongs to the
+    other stage is a ConfigError."""
+    fitting = [name for name, (stage, _) in EVALUATORS.items() if stage == config.stage]
+    wrong = [name for name in config.evaluators if name not in fitting]
+    if wrong:
+        raise ConfigError(f"config.evaluators: {', '.join(map(repr, wrong))} cannot evaluate a {config.stage} run "
+                          f"(it can take: {', '.join(fitting)})")
+    return {name: EVALUATORS[name][1] for name in config.evaluators}

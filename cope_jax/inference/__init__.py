@@ -19,6 +19,7 @@ import os
 from cope_jax import checkpoints
 from cope_jax.inference.session import TurnStats, VideoChat  # noqa: F401
 from cope_jax.video.settings import VideoSettings
+from cope_jax.video.tokenizer import load_tokenizer
 
 
 def load(directory: str, *, mesh=None, **switches):
@@ -30,6 +31,6 @@ def load(directory: str, *, mesh=None, **switches):
         raise checkpoints.CheckpointError(f"{directory}: holds a {meta['kind']} model, not a CoPE-VideoLM "
                                           "(assemble one with python -m cope_jax.convert --source ... --delta-encoder ...)")
     settings = VideoSettings.from_dict(meta.get("video", {})).with_switches(**switches)
-    tokenizer = checkpoints.load_tokenizer(directory)
+    tokenizer = load_tokenizer(directory)
     model = checkpoints.load(directory, mesh=mesh)
     return model, tokenizer, settings

@@ -32,7 +32,7 @@ from cope_jax.training import checks, demo, instruct, loop, optimization, pretra
 from cope_jax.training.loop import log
 from cope_jax.video.settings import VideoSettings
 from cope_jax.video.switches import DELTA_MODES
-from cope_jax.video.tokenizer import chatml_tokenizer
+from cope_jax.video.tokenizer import chatml_tokenizer, load_tokenizer
 from data_pipeline import codec, records
 
 MODEL_DIR = "model"
@@ -96,7 +96,7 @@ def from_checkpoint(path: str, mesh, rules, compute):
         raise ConfigError(f"config.init_checkpoint {path}: holds a {meta['kind']} model, not LLaVA-Video / CoPE "
                           "(convert LLaVA-Video-7B-Qwen2 with python -m cope_jax.convert)")
     model = checkpoints.load(path, mesh=mesh, rules=rules, dtype=compute, param_dtype="float32")
-    return model, checkpoints.load_tokenizer(path)
+    return model, load_tokenizer(path)
 
 
 def random_model(config, delta_path: str, mesh, rules, compute):
@@ -284,7 +284,11 @@ def run_stage1(config, workdir: str, data_dir: str, evaluators: dict | None = No
 
 
 def train(config, workdir: str, evaluators: dict | None = None, stage1_evaluators: dict | None = None) -> dict:
+    """Stage 1 first when config.run_pretrain, then stage 2. `evaluators`: {name: evaluator}
+    (`cope_jax.evaluation.for_config`); none given, none run."""
     check_config(config)
+    # The mesh and batch checks too, before the demo data or stage 1 write anything.
+    optimization.with_accumulation(config, sharding.build_mesh(config))
     data = stage_data(config, workdir)
     if config.run_pretrain:
         run_stage1(config, workdir, data.data_dir, stage1_evaluators)

@@ -109,7 +109,9 @@ def make_optimizer(config, params):
             raise ConfigError(f"config.{field} must be > 0, got {config[field]!r}")
     warmup = warmup_steps(config)
     if warmup >= config.total_steps:
-        raise ConfigError(f"config.warmup_steps ({warmup}) must be < config.total_steps ({config.total_steps})")
+        given = (f"config.warmup_steps ({warmup})" if "warmup_steps" in config
+                 else f"config.warmup_ratio x config.total_steps ({warmup} steps)")
+        raise ConfigError(f"{given} must be < config.total_steps ({config.total_steps})")
     groups, labels = learning_rate_groups(params, config)
     schedules = {name: optax.warmup_cosine_decay_schedule(0.0, rate, warmup, config.total_steps)
                  for name, rate in groups.items()}
@@ -178,7 +180,7 @@ def with_accumulation(config, mesh):
     """The config with config.grad_accum_steps resolved for `mesh` and checked: 0 (stage 2 only)
     means one row per data x fsdp device at a time, i.e. global batch / those devices micro-batches;
     micro-batches must split evenly over those devices."""
-    shards, steps = sharding.batch_shards(mesh), config.grad_accum_steps
+    shards, steps = sharding.batch_shards(mesh, sharding.logical_rules(config)), config.grad_accum_steps
     if not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"config.grad_accum_steps must be an integer >= 0 (0: one row per device at a time), got {steps!r}")
     if steps == 0:

@@ -102,7 +102,7 @@ def with_target_tower(model: DeltaPretrainer, tower) -> DeltaPretrainer:
 
 
 def check_config(config) -> None:
-    problems = checks.problems(config, checks.POSITIVE + ("eval_max_videos",))
+    problems = checks.problems(config)
     if not isinstance(config.grad_accum_steps, int) or isinstance(config.grad_accum_steps, bool) or config.grad_accum_steps < 1:
         problems.append(f"config.grad_accum_steps must be an integer >= 1, got {config.grad_accum_steps!r}")
     checks.check(problems)

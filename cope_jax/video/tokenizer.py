@@ -1,12 +1,16 @@
-"""A small Qwen2-style tokenizer built locally, for tiny configs and tests (nothing downloads one).
+"""Tokenizers: the one saved beside a checkpoint (`load_tokenizer`), or a small Qwen2-style one built
+locally for tiny configs and tests (`chatml_tokenizer`). Nothing downloads one.
 
-Byte-level BPE like Qwen2's, trained in a fraction of a second on the ChatML template and a few
+The local one is byte-level BPE like Qwen2's, trained in a fraction of a second on the ChatML template and a few
 sentences about video, with Qwen2's special tokens: `<|endoftext|>` (EOS and padding),
-`<|im_start|>`, `<|im_end|>`. Any text round-trips; real runs use the tokenizer files that sit
-beside a converted checkpoint.
+`<|im_start|>`, `<|im_end|>`. Any text round-trips.
 """
 
 from __future__ import annotations
+
+import os
+
+from cope_jax import checkpoints
 
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -38,3 +42,16 @@ def chatml_tokenizer(vocab_size: int = 400):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|endoftext|>",
                                                 pad_token="<|endoftext|>",
                                                 additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def load_tokenizer(directory: str):
+    """The tokenizer saved beside a checkpoint (never downloaded)."""
+    import transformers  # third-party and slow to import: only when a tokenizer is loaded
+
+    if not any(os.path.exists(os.path.join(directory, name)) for name in ("tokenizer.json", "vocab.json")):
+        raise checkpoints.CheckpointError(f"{directory}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
+                              "cope_jax.convert copies them from the source checkpoint")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise checkpoints.CheckpointError(f"{directory}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None

@@ -89,10 +89,9 @@ def stats_json(answer: str, stats) -> dict:
 
 
 def open_chat(args, log):
-    # Imported here, not above: --help and argument errors answer without importing JAX and the models.
-    from cope_jax import checkpoints, inference
-    from cope_jax.inference.generation import SamplingConfig
-    from cope_jax.video.stream import video_from_file, video_from_records
+    from cope_jax import checkpoints, inference  # here, not above: --help answers without importing JAX
+    from cope_jax.inference.generation import SamplingConfig  # (same reason)
+    from cope_jax.video.stream import video_from_file, video_from_records  # (same reason)
 
     switches = switches_from_args(args)
     log(f"loading {args.checkpoint} ...")

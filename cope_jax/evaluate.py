@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cope_jax import inference  # here, not above: --help answers without importing JAX and the models
-    from cope_jax.evaluation import benchmark, questions as question_file
+    from cope_jax.evaluation import benchmark, questions as question_file  # (same reason)
 
     try:
         if args.limit < 0 or args.max_new_tokens < 1 or args.batch_size < 1:

@@ -84,9 +84,8 @@ _CONFIG_ARG = re.compile(r"^--?config(?:=(.*))?$", re.DOTALL)
 def run(config, workdir: str, mode: str = "train") -> dict:
     """Trains (or with mode "eval" evaluates) the config's stage with the evaluators it names; stage 2
     with config.run_pretrain runs stage 1 first."""
-    # Imported here so that --help and a bad command line answer at once: these import JAX and the models.
-    from cope_jax import evaluation
-    from cope_jax.training import finetune, pretrain
+    from cope_jax import evaluation  # here, not above: --help and a bad command line answer without importing JAX
+    from cope_jax.training import finetune, pretrain  # (same reason)
 
     stages = {"pretrain": pretrain, "finetune": finetune}
     if config.stage not in stages:

@@ -15,6 +15,7 @@ from flax import nnx
 from configs import finetune as finetune_configs
 from cope_jax.errors import ConfigError
 from conftest import assert_gradients_close, killed_run_script
+from cope_jax import evaluation
 from cope_jax.training import finetune, instruct, metrics, optimization
 from cope_jax.training.demo import stage2_data
 from cope_jax.video.settings import VideoSettings
@@ -327,8 +328,6 @@ def test_remat_policies_give_the_same_loss_and_gradients(demo, tmp_path):
 
 
 def test_mesh_and_evaluator_mistakes_stop_the_run_before_anything_is_written(tmp_path):
-    from cope_jax import evaluation
-
     uneven = tiny_config(mesh={"data": 3, "fsdp": 1, "tensor": 1})  # a batch of 4 does not split over 3 devices
     with pytest.raises(ConfigError, match=r"= 4 is not divisible by the data x fsdp devices \(3\)"):
         finetune.train(uneven, str(tmp_path / "w"))

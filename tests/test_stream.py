@@ -1,9 +1,7 @@
 """The CoPE token stream (docs/architecture.md §7): keyframes and P steps in time order, the switches, token
 counts against the sampler and the paper's Tab. H.5, batching, and the prompt template."""
 
-import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from flax import nnx
 from cope_jax.video import prompt as prompts
 from cope_jax.video.settings import VideoSettings
 from cope_jax.video.stream import Video, plan_video, video_batch
+from cope_jax.video.tokenizer import chatml_tokenizer
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
 from data_pipeline import codec, sampler
 
@@ -199,8 +198,6 @@ def test_conversation_renders_qwen_1_5_chatml():
 
 
 def test_tokenized_prompt_marks_visual_slots_and_supervises_only_answers():
-    from cope_jax.video.tokenizer import chatml_tokenizer
-
     tokenizer = chatml_tokenizer()
     pieces = prompts.conversation_pieces([("human", "What happens?"), ("gpt", "a helpful")], "")
     tokenized = prompts.tokenize(tokenizer, pieces, visual_tokens=7)

@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_cope import Reference, save_llava_next  # noqa: E402
 
+from cope_jax.video.tokenizer import chatml_tokenizer  # noqa: E402
+
 
 def write(output: str, image_size: int = 64, patch_size: int = 16, width: int = 48, vocab_size: int = 400) -> str:
-    from cope_jax.video.tokenizer import chatml_tokenizer
-
     vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=width, intermediate_size=2 * width,
                   num_hidden_layers=3, num_attention_heads=4)
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

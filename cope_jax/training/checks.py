@@ -29,6 +29,8 @@ def problems(config, positive: Sequence[str] = POSITIVE) -> list[str]:
         found.append(f"config.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {config.attention!r}")
     if config.remat not in REMAT_POLICIES:
         found.append(f"config.remat must be one of {', '.join(REMAT_POLICIES)}, got {config.remat!r}")
+    if "warmup_steps" in config and not found and config.warmup_steps >= config.total_steps:  # stage 1's; stage 2 has a ratio
+        found.append(f"config.warmup_steps ({config.warmup_steps}) must be < config.total_steps ({config.total_steps})")
     return found + regex_problems(config)
 
 

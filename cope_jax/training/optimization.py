@@ -104,14 +104,7 @@ def make_optimizer(config, params):
     """AdamW per learning-rate group after one global-norm clip, each group with linear warmup then
     cosine decay (paper App. C; LLaVA-Video); no weight decay on biases and norms. Only `params`
     (the trainable ones) get optimizer state. -> (tx, the default group's schedule, {group: rate})."""
-    for field in ("learning_rate", "total_steps"):
-        if not isinstance(config[field], (int, float)) or config[field] <= 0:
-            raise ConfigError(f"config.{field} must be > 0, got {config[field]!r}")
-    warmup = warmup_steps(config)
-    if warmup >= config.total_steps:
-        given = (f"config.warmup_steps ({warmup})" if "warmup_steps" in config
-                 else f"config.warmup_ratio x config.total_steps ({warmup} steps)")
-        raise ConfigError(f"{given} must be < config.total_steps ({config.total_steps})")
+    warmup = warmup_steps(config)  # its bounds are checked with the config (training.checks, finetune.check_config)
     groups, labels = learning_rate_groups(params, config)
     schedules = {name: optax.warmup_cosine_decay_schedule(0.0, rate, warmup, config.total_steps)
                  for name, rate in groups.items()}
@@ -181,9 +174,7 @@ def with_accumulation(config, mesh):
     means one row per data x fsdp device at a time, i.e. global batch / those devices micro-batches;
     micro-batches must split evenly over those devices."""
     shards, steps = sharding.batch_shards(mesh, sharding.logical_rules(config)), config.grad_accum_steps
-    if not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"config.grad_accum_steps must be an integer >= 0 (0: one row per device at a time), got {steps!r}")
-    if steps == 0:
+    if steps == 0:  # its type and sign are checked with the config (the stages' check_config)
         if config.batch_size % shards:
             raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by the data x fsdp devices ({shards})")
         config = config.copy_and_resolve_references()

@@ -116,7 +116,7 @@ class Stage:
         self.config, self.workdir = config, workdir
         self.mesh = sharding.build_mesh(config)
         optimization.with_accumulation(config, self.mesh)
-        rules = sharding.logical_rules(config)
+        self.rules = rules = sharding.logical_rules(config)
         compute = jnp.dtype(config.compute_dtype)
         model_config = checkpoints.stage1_delta_config(config)
         self.siglip = build_siglip(config, compute, mesh=self.mesh)
@@ -154,8 +154,7 @@ class Stage:
                 f"pretraining heads); mesh {dict(self.mesh.shape)}; {len(self.source)} training pairs from {self.data_dir}")
 
     def step(self, params, opt_state, local: dict):
-        batch = sharding.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, self.mesh,
-                                      sharding.logical_rules(self.config))
+        batch = sharding.global_batch({k: local[k] for k in ("prev_rgb", "rgb", "mv", "residual")}, self.mesh, self.rules)
         return self.train_step(params, opt_state, self.frozen, self.rest, batch)
 
     def data_order(self, local: dict) -> list:

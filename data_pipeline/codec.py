@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 from fractions import Fraction
 from typing import Iterator
 
@@ -132,25 +133,26 @@ class _DecoderErrors:
         return next((message.strip() for level, _, message in new if level <= av.logging.ERROR), None)
 
 
-def source_frames(path: str, settings: Settings) -> Iterator[tuple[float, av.VideoFrame]]:
+def source_frames(path: str, settings: Settings, options: dict | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
     """Yields (seconds since the first frame, upright yuv420p frame) at exactly `fps`.
 
     Output frame k shows the source frame on screen at time k / fps: the last one whose
     presentation timestamp is <= k / fps. Timestamps are exact fractions, so no drift on long or
-    variable-frame-rate inputs. Decoder errors (concealed corruption) reject the video.
+    variable-frame-rate inputs. Decoder errors (concealed corruption) reject the video. `options`
+    go to FFmpeg's demuxer and protocol (a live source's follow or rw_timeout).
     """
     fps = Fraction(settings.fps).limit_denominator(1001 * 1000)
     with _DecoderErrors() as errors:
         try:
-            container = av.open(path)
+            container = av.open(path, options=options or {})
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
             detail = errors.first_new() or _reason(e)
             raise VideoError(f"cannot open (not a video, or truncated before its index): {detail}") from None
         with container:
-            yield from _resampled(container, path, settings, fps, errors)
+            yield from _resampled(container, path, settings, fps, errors, growing=(options or {}).get("follow") == "1")
 
 
-def _resampled(container, path: str, settings: Settings, fps: Fraction, errors: _DecoderErrors):
+def _resampled(container, path: str, settings: Settings, fps: Fraction, errors: _DecoderErrors, growing: bool = False):
     if not container.streams.video:
         raise VideoError("no video stream (audio-only or not a video)")
     stream = container.streams.video[0]
@@ -175,7 +177,9 @@ def _resampled(container, path: str, settings: Settings, fps: Fraction, errors: 
                 emitted += 1
             pending, pending_time = _upright(frame, settings.size, scaler), time
     except av.error.FFmpegError as e:
-        raise VideoError(f"undecodable after {emitted} frames: {errors.first_new() or _reason(e)}") from None
+        # A file followed as it grows ends when no data came for its rw_timeout: FFmpeg says EIO.
+        if not (growing and getattr(e, "errno", None) == errno.EIO):
+            raise VideoError(f"undecodable after {emitted} frames: {errors.first_new() or _reason(e)}") from None
     if error := errors.first_new():
         raise _stream_error(error, pending_time)
     if pending is None:

@@ -166,6 +166,12 @@ def _check_file(path: str) -> None:
         raise codec.VideoError("empty file (0 bytes)")
 
 
+def record_meta(video_id: str, source: str, settings: codec.Settings) -> dict:
+    """What a record's header says about its video besides the steps."""
+    return {"video_id": video_id, "source": source, "fps": settings.fps, "gop": settings.gop, "fusion": settings.fusion,
+            "height": settings.size, "width": settings.size, "mv_block": settings.mv_block}
+
+
 def encode_video(path: str, settings: codec.Settings, video_id: str | None = None) -> tuple[bytes, dict]:
     """One video file -> (its record bytes exactly as the job writes them, its per-video counts:
     video_id, source, steps, frames, seconds, bytes). Writes nothing; `records.decode(bytes)` is the
@@ -176,8 +182,7 @@ def encode_video(path: str, settings: codec.Settings, video_id: str | None = Non
     video_id = _file_id(path) if video_id is None else video_id
     _check_file(path)
     frames, steps_count = [0], [0]
-    meta = {"video_id": video_id, "source": path, "fps": settings.fps, "gop": settings.gop,
-            "fusion": settings.fusion, "height": settings.size, "width": settings.size, "mv_block": settings.mv_block}
+    meta = record_meta(video_id, path, settings)
     try:
         source = _counted(codec.source_frames(path, settings), frames)
         steps = _counted(codec.steps(codec.canonical_frames(source, settings), settings), steps_count)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import time
 from fractions import Fraction
 
 import av
@@ -148,3 +151,48 @@ def motion_questions(directory: str, count: int, size: int = 64, seconds: float 
                      "conversations": [{"from": "human", "value": "<image>\n" + _question(prompt, options)},
                                        {"from": "gpt", "value": letter}]})
     return rows
+
+
+def stream_mpegts(output, frames, fps: int = 30, gop: int = 60, realtime: bool = True) -> None:
+    """Writes frames as an H.264 MPEG-TS stream to `output` (a path or a binary file object), as a
+    live encoder does: zero-latency x264, packets flushed as they are made and, with `realtime`,
+    frame i not before i / fps seconds after the first."""
+    with av.open(output, "w", format="mpegts", options={"flush_packets": "1"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = {"tune": "zerolatency", "x264-params": f"mbtree=0:keyint={gop}"}
+        started = time.perf_counter()
+        for i, rgb in enumerate(frames):
+            if realtime:
+                time.sleep(max(0.0, started + i / fps - time.perf_counter()))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.synthetic",
+        description="Streams a synthetic video (a textured square moving over a still background) as MPEG-TS on "
+                    "standard output, in real time like a camera encoder: a live source for "
+                    "`python -m cope_jax.chat --video - --live`.")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the stream (default %(default)s)")
+    parser.add_argument("--size", type=int, default=112, help="width and height in pixels (default %(default)s)")
+    parser.add_argument("--fps", type=int, default=30, help="frame rate (default %(default)s)")
+    parser.add_argument("--as-fast-as-possible", action="store_true", help="do not pace frames at real time")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.size < 32 or args.fps < 1:
+        parser.error("--seconds must be > 0, --size >= 32 and --fps >= 1")
+    frames = moving_square(round(args.seconds * args.fps), args.size, args.size // 4, 1.5, 0.75)
+    try:
+        stream_mpegts(sys.stdout.buffer, frames, args.fps, realtime=not args.as_fast_as_possible)
+    except BrokenPipeError:  # the reader went away: nothing more to say
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,32 +1,34 @@
 """Asking about a video: one conversation over one KV cache (paper App. I: later turns reuse it).
 
-The first `ask` reads the video's planned steps, encodes every keyframe in one SigLIP call and
-every P step in one Δ-encoder call, merges the stream into the prompt and prefills; later turns
-prefill only their own tokens after the cached conversation. Answers stream token by token.
-Chat, evaluation and the TTFT benchmark all run this code, so what is measured is what users run.
+The video becomes a `VideoPrefix` (system turn, user header, visual stream) prefilled one GOP at a
+time; the first question appends the time instruction and its own words to it; later turns prefill
+only their own tokens after the cached conversation. Answers stream token by token. Chat, live
+streams, evaluation, the server and the TTFT benchmark all run this code, so what is measured is
+what users run.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from cope_jax.inference.generation import SamplingConfig, decode_step, prefill
+from cope_jax.inference.prefix import CACHE_BLOCK, Engine, VideoPrefix, grow_cache
 from cope_jax.video import prompt as prompts
 from cope_jax.video.settings import VideoInputError, VideoSettings
-from cope_jax.video.stream import Video, plan_video, round_up, video_batch
-from cope_jax.models.cope.modeling import CoPEVideoLM, assemble_stream
+from cope_jax.video.stream import Video, plan_chunks, plan_video, round_up
+from cope_jax.models.cope.modeling import CoPEVideoLM
 from cope_jax.models.qwen2.modeling import KVCache
 
-CACHE_BLOCK = 256  # the KV cache grows in these steps, so a conversation compiles few shapes
+# Room a question usually needs beyond the video (time instruction and words): a file's prefix is
+# allocated with it, so most questions prefill without growing the cache.
+QUESTION_ROOM = 512
 
 
 @dataclasses.dataclass
@@ -44,47 +46,7 @@ class TurnStats:
     p_steps: int
     timings: dict = dataclasses.field(default_factory=dict)  # first turn: primitives/vision/delta/prefill seconds
     answer_ids: list = dataclasses.field(default_factory=list)  # generated ids, stop token excluded
-
-
-# ---------------------------------------------------------------------------- jitted pieces
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _keyframe_table(graphdef, state, keyframes):
-    return nnx.merge(graphdef, state).keyframe_token_table(keyframes)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _p_step_table(graphdef, state, mv, residual, zero_delta):
-    return nnx.merge(graphdef, state).p_step_token_table(mv, residual, zero_delta)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _video_prompt_embeddings(graphdef, state, keyframe_tokens, p_step_tokens, token_source, ids, is_visual):
-    visual = assemble_stream(keyframe_tokens, p_step_tokens, token_source)
-    return nnx.merge(graphdef, state).merge_visual(ids, is_visual, visual)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _text_embeddings(graphdef, state, ids):
-    return nnx.merge(graphdef, state).embed(ids)
-
-
-@dataclasses.dataclass
-class _EncodedVideo:
-    """A video's token tables and what its first prompt needs."""
-
-    tables: tuple  # (keyframe tokens, P-step tokens)
-    token_source: np.ndarray
-    visual_tokens: int
-    preamble: str
-    stats: TurnStats
-
-
-@dataclasses.dataclass
-class _Prefix:
-    encoded: _EncodedVideo
-    length: int  # tokens of the shared prefix in the cache
+    video_seconds: float = 0.0  # the video's duration the answer covers
 
 
 @dataclasses.dataclass
@@ -96,17 +58,6 @@ class _Turn:
     ids: list
     is_visual: list
     stats: TurnStats
-    first: bool
-
-
-def grow_cache(cache: KVCache, length: int) -> KVCache:
-    """The same cache with room for `length` slots (new slots empty)."""
-    extra = length - cache.length
-    if extra <= 0:
-        return cache
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
-    return KVCache(keys=[pad(k) for k in cache.keys], values=[pad(v) for v in cache.values],
-                   key_valid=pad(cache.key_valid), next_position=cache.next_position, end=cache.end)
 
 
 def broadcast_cache(cache: KVCache, batch: int) -> KVCache:
@@ -114,10 +65,6 @@ def broadcast_cache(cache: KVCache, batch: int) -> KVCache:
     rows = lambda x: jnp.repeat(x, batch, axis=0)  # noqa: E731
     return KVCache(keys=[rows(k) for k in cache.keys], values=[rows(v) for v in cache.values],
                    key_valid=rows(cache.key_valid), next_position=rows(cache.next_position), end=cache.end)
-
-
-def _ready(x):
-    return jax.block_until_ready(x)
 
 
 # ---------------------------------------------------------------------------- the conversation
@@ -130,26 +77,37 @@ class VideoChat:
         for text in chat.ask("What happens?"):
             print(text, end="")
         chat.last  # TurnStats
+
+    `prefix=` starts from a video prefix built elsewhere (a live stream, the server's cache) instead
+    of reading `video`. `max_context_tokens` bounds the KV cache: the oldest GOPs leave it.
     """
 
-    def __init__(self, model: CoPEVideoLM, tokenizer, settings: VideoSettings, video: Callable[[], Video],
-                 sampling: SamplingConfig | None = None, seed: int = 0, stop_at_eos: bool = True):
+    system = prompts.SYSTEM_PROMPT
+
+    def __init__(self, model: CoPEVideoLM, tokenizer, settings: VideoSettings, video: Callable[[], Video] | None = None,
+                 sampling: SamplingConfig | None = None, seed: int = 0, stop_at_eos: bool = True,
+                 max_context_tokens: int | None = None, engine: Engine | None = None, prefix: VideoPrefix | None = None):
         """`stop_at_eos=False` always generates `sampling.max_new_tokens` (latency benchmarks)."""
         settings.check()
+        if video is None and prefix is None:
+            raise ValueError("VideoChat needs a video or a prefix")
         self.model, self.tokenizer, self.settings, self.load_video = model, tokenizer, settings, video
+        self.max_context_tokens = max_context_tokens
         self.stop_ids = prompts.stop_token_ids(tokenizer) if stop_at_eos else ()
         self.sampling = sampling or SamplingConfig(max_new_tokens=256)
         self.sampling = dataclasses.replace(self.sampling, eos_token_id=self.stop_ids)
-        self.graphdef, self.state = nnx.split(model)
-        self.lm_graphdef, self.lm_state = nnx.split(model.language_model)
+        self.engine = engine or Engine(model)
+        self.lm_graphdef, self.lm_state = self.engine.lm_graphdef, self.engine.lm_state
         self.rng = jax.random.key(seed)
         self.cache: KVCache | None = None
         self.ids: list[int] = []  # every token in the cache, in order (0 at visual slots)
         self.is_visual: list[bool] = []
         self.pending: int | None = None  # the last generated token, not yet in the cache
         self.turns: list[TurnStats] = []
-        self.plan = None
-        self.prefix: _Prefix | None = None  # set by prefill_video
+        self.plan = None  # the file's step plan, once read
+        self.prefix: VideoPrefix | None = None
+        if prefix is not None:
+            self._adopt(prefix)
 
     @property
     def last(self) -> TurnStats:
@@ -158,34 +116,55 @@ class VideoChat:
     # -- one video, many questions
 
     def prefill_video(self) -> TurnStats:
-        """Reads and encodes the video and prefills the prefix every first question shares (system,
-        user header, visual stream, time instruction). Then `fork()` per question: each answers
-        from this cache, prefilling only its own words (evaluation of many questions per video).
+        """Reads the video and prefills the prefix every first question shares (system turn, user
+        header, visual stream) one GOP at a time. Then `fork()` per question: each answers from
+        this cache, prefilling only its own words (evaluation of many questions per video).
         Returns the prefix's stats (visual tokens; primitives/vision/delta/prefill timings)."""
         if self.cache is not None:
             raise RuntimeError("prefill_video() starts a conversation; this one has already begun")
         clock = time.perf_counter()
-        encoded = self._encode_video()
-        tokenized = prompts.tokenize(self.tokenizer, prompts.video_prefix_pieces(encoded.preamble), encoded.visual_tokens)
-        embeds = _video_prompt_embeddings(self.graphdef, self.state, *encoded.tables, encoded.token_source,
-                                          tokenized.ids[None], tokenized.is_visual[None])
-        cache = KVCache.init(self.model.config.text, 1, round_up(len(tokenized), CACHE_BLOCK), self.model.language_model.dtype)
-        prefill_clock = time.perf_counter()
-        _, self.cache = prefill(self.lm_graphdef, self.lm_state, embeds, jnp.ones(embeds.shape[:2], bool), cache,
-                                self.sampling, self._next_rng(), True, True)
-        _ready(self.cache.end)
-        encoded.stats.timings["prefill_s"] = time.perf_counter() - prefill_clock
-        encoded.stats.ttft_s = time.perf_counter() - clock
-        encoded.stats.prompt_tokens = len(tokenized)
-        self._append(tokenized.ids.tolist(), tokenized.is_visual.tolist())
-        self.prefix = _Prefix(encoded, len(tokenized))
-        return encoded.stats
+        video = self.load_video()
+        if video.size != self.model.config.vision.image_size:
+            raise VideoInputError(f"{video.source}: frames are {video.size} px, the model's tower takes "
+                                  f"{self.model.config.vision.image_size} px (preprocess with --size "
+                                  f"{self.model.config.vision.image_size})")
+        self.plan = plan = plan_video(video, self.settings)
+        cfg = self.model.config
+        visual_tokens = plan.tokens(cfg.tokens_per_keyframe, cfg.tokens_per_p_step)
+        prefix = VideoPrefix(self.engine, self.tokenizer, system=self.system, zero_delta=self.settings.delta_mode == "zero",
+                             max_tokens=self.max_context_tokens, source=video.source, seconds=video.duration,
+                             capacity=visual_tokens + QUESTION_ROOM + self.sampling.max_new_tokens)
+        prefix.check_video_fits(visual_tokens)
+        prefix.timings["primitives_s"] += time.perf_counter() - clock
+        chunks = plan_chunks(video, plan)
+        while True:
+            clock = time.perf_counter()
+            chunk = next(chunks, None)
+            prefix.timings["primitives_s"] += time.perf_counter() - clock
+            if chunk is None:
+                break
+            prefix.append(chunk)
+        self._adopt(prefix)
+        return self._prefix_stats(ttft_s=sum(prefix.timings.values()))
+
+    def _adopt(self, prefix: VideoPrefix) -> None:
+        self.prefix = prefix
+        self.cache, self.ids, self.is_visual = prefix.cache, list(prefix.ids), list(prefix.is_visual)
+
+    def _prefix_stats(self, **fields) -> TurnStats:
+        prefix = self.prefix
+        stats = TurnStats(visual_tokens=prefix.visual_tokens, prompt_tokens=len(prefix), generated_tokens=0,
+                          ttft_s=0.0, e2el_s=0.0, keyframes=prefix.keyframes, p_steps=prefix.p_steps,
+                          timings=dict(prefix.timings), video_seconds=prefix.seconds)
+        return dataclasses.replace(stats, **fields)
 
     def fork(self) -> "VideoChat":
         """A conversation that continues independently from this one's current state (the cache
         arrays are immutable, so nothing is copied)."""
         other = copy.copy(self)
         other.ids, other.is_visual, other.turns = list(self.ids), list(self.is_visual), list(self.turns)
+        if self.prefix is not None:
+            other.prefix = self.prefix.fork()
         return other
 
     def ask_many(self, questions: list[str]) -> list[tuple[str, TurnStats]]:
@@ -202,17 +181,18 @@ class VideoChat:
         results: list[tuple[str, TurnStats] | None] = [None] * len(questions)
         rows = []  # (index, ids after the prefix, whole prompt length)
         for i, question in enumerate(questions):
-            tokenized = self._first_prompt(question, self.prefix.encoded)
-            if self._extends_prefix(tokenized):
-                rows.append((i, tokenized.ids[self.prefix.length:].tolist(), len(tokenized)))
-            else:  # the prompt does not extend the prefix: answered alone, as ask() would
-                chat = self.fork()
+            tokenized = self._first_prompt(question, self._preamble(self.prefix), self.prefix.visual_tokens)
+            rest = tokenized.ids[len(self.prefix):].tolist()
+            if self.max_context_tokens or not self.prefix.fits(len(rest) + self.sampling.max_new_tokens):
+                chat = self.fork()  # may need to evict or refuse: alone, as ask() would
                 results[i] = ("".join(chat.ask(question)), chat.last)
+            else:
+                rows.append((i, rest, len(tokenized)))
         if rows:
             ttft, answers = self._decode_batch([ids for _, ids, _ in rows], started)
             for (i, _, prompt_tokens), (text, ids, e2el) in zip(rows, answers):
-                results[i] = (text, dataclasses.replace(
-                    self.prefix.encoded.stats, timings={}, prompt_tokens=prompt_tokens, generated_tokens=len(ids),
+                results[i] = (text, self._prefix_stats(
+                    timings={}, prompt_tokens=prompt_tokens, generated_tokens=len(ids),
                     ttft_s=ttft, e2el_s=e2el, answer_ids=[t for t in ids if t not in self.stop_ids]))
         return results
 
@@ -230,8 +210,8 @@ class VideoChat:
         for r, row in enumerate(rows):
             ids[r, width - len(row):], mask[r, width - len(row):] = row, True
         cache = broadcast_cache(self.cache, batch)
-        cache = grow_cache(cache, round_up(int(cache.end) + width + self.sampling.max_new_tokens, CACHE_BLOCK))
-        embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(ids))
+        cache = grow_cache(cache, round_up(len(self.ids) + width + self.sampling.max_new_tokens, CACHE_BLOCK))
+        embeds = self.engine.text_embeddings(ids).reshape(batch, width, -1)
         token, cache = prefill(self.lm_graphdef, self.lm_state, embeds, jnp.asarray(mask), cache, self.sampling,
                                self._next_rng(), False, False)
         generated = [[t] for t in np.asarray(token)[:real].tolist()]
@@ -256,92 +236,57 @@ class VideoChat:
         """Streams the answer's text; `self.last` holds the turn's TurnStats once the answer ends
         (or the caller stops reading it: the conversation goes on from what was generated)."""
         started = time.perf_counter()
-        if self.cache is None:
-            turn = self._first_turn(question)
-        elif self.prefix is not None and not self.turns:
-            turn = self._first_turn_after_prefix(question)
-        else:
-            turn = self._next_turn(question)
+        timings = {}
+        if self.prefix is None:  # the first question reads the video
+            timings = self.prefill_video().timings
+        turn = self._first_turn(question) if not self.turns else self._next_turn(question)
+        turn.stats.timings.update({name: seconds + turn.stats.timings.get(name, 0.0) for name, seconds in timings.items()})
         yield from self._generate(turn, started)
 
     # -- prompts
 
-    def _encode_video(self) -> "_EncodedVideo":
-        """Reads the planned steps and runs every keyframe through SigLIP and every P step through
-        the Δ-encoder (one call each), timing both."""
-        timings = {}
-        clock = time.perf_counter()
-        video = self.load_video()
-        if video.size != self.model.config.vision.image_size:
-            raise VideoInputError(f"{video.source}: frames are {video.size} px, the model's tower takes "
-                                f"{self.model.config.vision.image_size} px (preprocess with --size "
-                                f"{self.model.config.vision.image_size})")
-        self.plan = plan = plan_video(video, self.settings)
-        primitives = video.read(plan.steps)
-        cfg = self.model.config
-        batch = video_batch([plan], [primitives], cfg.tokens_per_keyframe, cfg.tokens_per_p_step, video.size)
-        timings["primitives_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        keyframe_tokens = _ready(_keyframe_table(self.graphdef, self.state, batch.keyframes))
-        timings["vision_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        p_step_tokens = _ready(_p_step_table(self.graphdef, self.state, batch.mv, batch.residual,
-                                             self.settings.delta_mode == "zero"))
-        timings["delta_s"] = time.perf_counter() - clock
-        preamble = prompts.time_instruction(plan.duration, plan.timestamps) if self.settings.time_instruction else ""
-        stats = TurnStats(visual_tokens=int(batch.lengths[0]), prompt_tokens=0, generated_tokens=0,
-                          ttft_s=0.0, e2el_s=0.0, keyframes=plan.num_keyframes, p_steps=plan.num_p_steps,
-                          timings=timings)
-        return _EncodedVideo((keyframe_tokens, p_step_tokens), batch.token_source, int(batch.lengths[0]), preamble, stats)
+    def _preamble(self, prefix: VideoPrefix) -> str:
+        return prefix.time_instruction() if self.settings.time_instruction else ""
+
+    def _first_prompt(self, question: str, preamble: str, visual_tokens: int) -> prompts.TokenizedPrompt:
+        pieces = prompts.conversation_pieces([("human", question)], preamble, system=self.system, add_generation_prompt=True)
+        return prompts.tokenize(self.tokenizer, pieces, visual_tokens)
 
     def _first_turn(self, question: str) -> "_Turn":
-        encoded = self._encode_video()
-        tokenized = self._first_prompt(question, encoded)
-        embeds = _video_prompt_embeddings(self.graphdef, self.state, *encoded.tables, encoded.token_source,
-                                          tokenized.ids[None], tokenized.is_visual[None])
-        cache = KVCache.init(self.model.config.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens, CACHE_BLOCK),
-                             self.model.language_model.dtype)
-        encoded.stats.prompt_tokens = len(tokenized)
-        return _Turn(embeds, cache, tokenized.ids.tolist(), tokenized.is_visual.tolist(), encoded.stats, first=True)
-
-    def _first_prompt(self, question: str, encoded: "_EncodedVideo") -> prompts.TokenizedPrompt:
-        pieces = prompts.conversation_pieces([("human", question)], encoded.preamble, add_generation_prompt=True)
-        return prompts.tokenize(self.tokenizer, pieces, encoded.visual_tokens)
-
-    def _first_turn_after_prefix(self, question: str) -> "_Turn":
-        """The first question after `prefill_video`: only the words after the shared prefix are
-        prefilled, unless tokenising the whole turn does not start with the prefix's ids (then the
-        whole turn is prefilled afresh, so answers never depend on sharing)."""
+        """The first question: the prefix, then the time instruction and the question's words. With
+        a bounded cache the oldest GOPs leave this conversation's copy of the prefix until the
+        question and its answer fit."""
         prefix = self.prefix
-        tokenized = self._first_prompt(question, prefix.encoded)
-        stats = dataclasses.replace(prefix.encoded.stats, timings={}, prompt_tokens=len(tokenized), ttft_s=0.0)
-        if not self._extends_prefix(tokenized):
-            self.cache, self.ids, self.is_visual = None, [], []
-            embeds = _video_prompt_embeddings(self.graphdef, self.state, *prefix.encoded.tables,
-                                              prefix.encoded.token_source, tokenized.ids[None], tokenized.is_visual[None])
-            cache = KVCache.init(self.model.config.text, 1, round_up(len(tokenized) + self.sampling.max_new_tokens,
-                                                                     CACHE_BLOCK), self.model.language_model.dtype)
-            return _Turn(embeds, cache, tokenized.ids.tolist(), tokenized.is_visual.tolist(), stats, first=True)
-        rest = tokenized.ids[prefix.length:].tolist()
-        embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(rest, jnp.int32)[None])
-        needed = round_up(int(self.cache.end) + len(rest) + self.sampling.max_new_tokens, CACHE_BLOCK)
-        return _Turn(embeds, grow_cache(self.cache, needed), rest, [False] * len(rest), stats, first=False)
-
-    def _extends_prefix(self, tokenized: prompts.TokenizedPrompt) -> bool:
-        """Whether a whole first turn, tokenised alone, starts with the shared prefix's ids (else it
-        is prefilled afresh, so answers never depend on sharing)."""
-        n = self.prefix.length
-        return tokenized.ids[:n].tolist() == self.ids[:n] and tokenized.is_visual[:n].tolist() == self.is_visual[:n]
+        while True:
+            tokenized = self._first_prompt(question, self._preamble(prefix), prefix.visual_tokens)
+            needed = len(tokenized) - len(prefix) + self.sampling.max_new_tokens
+            if not prefix.max_tokens or prefix.fits(needed) or not prefix.held:
+                break
+            prefix = prefix.fork() if prefix is self.prefix else prefix
+            prefix.evict_oldest()
+        if prefix is self.prefix:
+            prefix = prefix.fork()  # the room below must not change the shared prefix
+        if tokenized.ids[: len(prefix)].tolist() != prefix.ids or tokenized.is_visual[: len(prefix)].tolist() != prefix.is_visual:
+            raise RuntimeError("the first turn does not start with the video prefix's tokens")  # a bug: pieces are tokenised apart
+        prefix.make_room(needed)
+        self._adopt(prefix)
+        rest = tokenized.ids[len(prefix):].tolist()
+        stats = self._prefix_stats(prompt_tokens=len(tokenized), timings={})
+        return _Turn(self.engine.text_embeddings(rest), self.cache, rest, [False] * len(rest), stats)
 
     def _next_turn(self, question: str) -> "_Turn":
         ids = self._close_previous_answer()
         ids += prompts.tokenize(self.tokenizer, prompts.user_pieces(question) + prompts.assistant_header()).ids.tolist()
-        needed = int(self.cache.end) + len(ids) + self.sampling.max_new_tokens
-        embeds = _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(ids, jnp.int32)[None])
+        needed = len(self.ids) + len(ids) + self.sampling.max_new_tokens
+        limit = self.max_context_tokens or self.engine.context
+        if needed > limit:
+            flag = "--max-context-tokens" if self.max_context_tokens else "the model's context"
+            raise VideoInputError(f"this conversation ({len(self.ids)} tokens) and the next question with its answer "
+                                  f"({needed - len(self.ids)}) outgrow {flag} ({limit} tokens); start a new chat")
         stats = TurnStats(visual_tokens=0, prompt_tokens=len(ids), generated_tokens=0, ttft_s=0.0, e2el_s=0.0,
-                          keyframes=0, p_steps=0)
-        return _Turn(embeds, grow_cache(self.cache, round_up(needed, CACHE_BLOCK)), ids, [False] * len(ids), stats,
-                     first=False)
+                          keyframes=0, p_steps=0, video_seconds=self.prefix.seconds)
+        cache = grow_cache(self.cache, min(round_up(needed, CACHE_BLOCK), max(limit, self.cache.length)))
+        return _Turn(self.engine.text_embeddings(ids), cache, ids, [False] * len(ids), stats)
 
     def _close_previous_answer(self) -> list[int]:
         """Ids ending the previous assistant turn: its last token (still outside the cache), the
@@ -364,14 +309,12 @@ class VideoChat:
         """Prefills the turn, then decodes. The conversation (ids, cache, pending token) changes only
         once the prefill succeeded, and stays consistent if the caller stops reading early."""
         clock, stats = time.perf_counter(), turn.stats
-        # The first prefill is an empty cache and one unpadded row: it reads only its own keys and
-        # may take a fused causal kernel.
         token, self.cache = prefill(self.lm_graphdef, self.lm_state, turn.embeds, jnp.ones(turn.embeds.shape[:2], bool),
-                                    turn.cache, self.sampling, self._next_rng(), turn.first, turn.first)
+                                    turn.cache, self.sampling, self._next_rng(), False, False)
         self._append(turn.ids, turn.is_visual)
         generated = [int(token[0])]
         self.pending = generated[-1]
-        stats.timings["prefill_s"] = time.perf_counter() - clock
+        stats.timings["prefill_s"] = stats.timings.get("prefill_s", 0.0) + time.perf_counter() - clock
         stats.ttft_s = time.perf_counter() - started
         text = ""
         try:

@@ -97,10 +97,10 @@ class ConversationChat(inference.VideoChat):
         super().__init__(*args, **kwargs)
         self.system, self.history = system, tuple(history)
 
-    def _first_prompt(self, question: str, encoded) -> prompts.TokenizedPrompt:
-        pieces = prompts.conversation_pieces([*self.history, ("human", question)], encoded.preamble,
+    def _first_prompt(self, question: str, preamble: str, visual_tokens: int) -> prompts.TokenizedPrompt:
+        pieces = prompts.conversation_pieces([*self.history, ("human", question)], preamble,
                                              system=self.system, add_generation_prompt=True)
-        return prompts.tokenize(self.tokenizer, pieces, encoded.visual_tokens)
+        return prompts.tokenize(self.tokenizer, pieces, visual_tokens)
 
 
 class Service:

@@ -57,13 +57,12 @@ def user_pieces(question: str, video_preamble: str | None = None) -> list[Piece]
     return [Piece(f"{IM_START}user\n"), Piece(IMAGE_PLACEHOLDER), Piece(f"{text}{IM_END}\n")]
 
 
-def video_prefix_pieces(video_preamble: str = "", system: str = SYSTEM_PROMPT) -> list[Piece]:
-    """The start every question about one video shares: the system turn, the user header, the
-    visual stream and the time instruction up to where the question begins. Tokenised alone it
-    is normally a prefix of the whole first turn (pre-tokenisers split before a question's first
-    word); `VideoChat` checks that and re-prefills the whole turn when it is not."""
-    tail = f"\n{video_preamble}\n" if video_preamble else "\n"
-    return system_pieces(system) + [Piece(f"{IM_START}user\n"), Piece(IMAGE_PLACEHOLDER), Piece(tail)]
+def video_header_pieces(system: str = SYSTEM_PROMPT) -> list[Piece]:
+    """What every question about one video starts with, before its visual stream: the system turn
+    and the user header. Pieces are tokenised one by one, so a first turn's ids are these ids, the
+    visual slots, then the time instruction and question (`user_pieces`): a video prefix in a KV
+    cache is always a prefix of every first turn about that video."""
+    return system_pieces(system) + [Piece(f"{IM_START}user\n")]
 
 
 def assistant_header() -> list[Piece]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -94,6 +94,47 @@ def plan_video(video: Video, settings: VideoSettings) -> VideoPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class Chunk:
+    """What a video prefix grows by: the planned steps of one GOP (or of the part of a GOP that has
+    arrived, in a live stream) with their primitives. `video_batch` takes it as a one-video plan."""
+
+    is_keyframe: np.ndarray  # bool [S]
+    timestamps: np.ndarray  # float32 [S], seconds from the video's start
+    primitives: dict  # records.decode dict of these steps, in order (rgb, mv, residual)
+
+    @property
+    def num_keyframes(self) -> int:
+        return int(self.is_keyframe.sum())
+
+    @property
+    def num_p_steps(self) -> int:
+        return int((~self.is_keyframe).sum())
+
+
+def plan_chunks(video: Video, plan: VideoPlan) -> Iterator[Chunk]:
+    """The plan's steps GOP by GOP, each GOP's primitives read only when its turn comes, so a long
+    video holds one GOP of decoded frames at a time (dense plans group their frames the same way)."""
+    gop_of_step = np.cumsum(video.is_gop_start) - 1
+    gops = gop_of_step[plan.steps]
+    for gop in dict.fromkeys(gops.tolist()):
+        pick = gops == gop
+        yield Chunk(plan.is_keyframe[pick], plan.timestamps[pick], video.read(plan.steps[pick]))
+
+
+def gop_plan(num_steps: int, settings: VideoSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Which of a GOP's first `num_steps` steps are read and which are keyframes -> (step indices
+    within the GOP, is_keyframe): the file rule (`plan_video`) applied to one GOP of a live stream."""
+    if settings.dense_frames:
+        raise VideoInputError("--dense-frames spreads N frames over a whole video; a live stream has no end to spread them over")
+    plan = sampler.sample_steps(np.arange(num_steps) == 0, settings.preprocessing.gop // settings.preprocessing.fusion,
+                                settings.keyframes_per_gop, max_gops=1)
+    steps, keyframe = plan.steps, plan.is_keyframe
+    if settings.delta_mode == "keyframes_only":
+        steps, keyframe = steps[keyframe], keyframe[keyframe]
+    return steps, keyframe
+
+
+@dataclasses.dataclass(frozen=True)
 class VideoBatch:
     """`CoPEVideoLM.encode_video`'s inputs for B videos, padded to static sizes."""
 
@@ -108,7 +149,7 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n
 
 
-def video_batch(plans: Sequence[VideoPlan], primitives: Sequence[dict], tokens_per_keyframe: int,
+def video_batch(plans: Sequence[VideoPlan | Chunk], primitives: Sequence[dict], tokens_per_keyframe: int,
                 tokens_per_p_step: int, size: int, *, keyframe_slots: int | None = None,
                 p_step_slots: int | None = None, length: int | None = None) -> VideoBatch:
     """Plans + the decoded primitives of their steps (records.decode dicts, steps in plan order) ->

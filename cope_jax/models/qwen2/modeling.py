@@ -71,8 +71,8 @@ class KVCache:
     @classmethod
     def init(cls, config: Qwen2Config, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
         shape = (batch, length, config.num_key_value_heads, config.head_dim)
-        zeros = [jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)]
-        return cls(keys=zeros, values=list(zeros), key_valid=jnp.zeros((batch, length), bool),
+        zeros = lambda: [jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)]  # noqa: E731 (own buffers: a cache may be donated)
+        return cls(keys=zeros(), values=zeros(), key_valid=jnp.zeros((batch, length), bool),
                    next_position=jnp.zeros((batch,), jnp.int32), end=jnp.zeros((), jnp.int32))
 
     @property

@@ -1,0 +1,138 @@
+"""A video arriving as a stream -> its steps as they come, GOP by GOP, by preprocessing's own code.
+
+A thread runs the chain preprocessing runs on a file (decode, resample to fps, canonical mpeg4
+re-encode with motion vectors, a step every `fusion` frames) on frames as they arrive. The canonical
+stream starts a GOP every `gop` frames and codes it from that GOP's frames alone, and a GOP's steps
+are stored as a record and read back exactly as a file's are, so a live GOP's primitives equal the
+finished file's (tests/test_live.py).
+
+Sources: `-` (standard input: MPEG-TS, Matroska or anything FFmpeg detects), any URL FFmpeg opens
+as a stream (udp://, tcp://, rtsp://, http://, srt://) or a file still being written (read as it
+grows; it ends when no new data came for `stall_seconds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from cope_jax.video.settings import VideoSettings
+from cope_jax.video.stream import Chunk, gop_plan
+from data_pipeline import codec, preprocess, records, sampler
+
+STDIN = "-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What the stream did: `frames` canonical frames so far; `step` a new step; `end`; `error`."""
+
+    kind: str  # "frames" | "step" | "end" | "error"
+    frames: int = 0
+    step: codec.Step | None = None
+    message: str = ""
+
+
+def open_options(source: str, stall_seconds: float) -> tuple[str, dict]:
+    """Where FFmpeg reads `source` from, and the options that make it a stream: a regular file is
+    followed as it grows until no data came for `stall_seconds`; network reads give up after it."""
+    timeout = str(int(stall_seconds * 1e6))
+    if source == STDIN:
+        return "pipe:0", {}
+    if "://" in source or source.startswith("pipe:"):
+        return source, {"rw_timeout": timeout}
+    return os.path.expanduser(source), {"follow": "1", "rw_timeout": timeout}
+
+
+def is_growing_file(source: str) -> bool:
+    return source != STDIN and "://" not in source and not source.startswith("pipe:")
+
+
+class LiveStream:
+    """The preprocessing chain over a stream, in a daemon thread; `events()` yields what it made.
+
+        stream = LiveStream("-", settings.preprocessing)
+        for event in stream.events(timeout=10):
+            ...
+    """
+
+    def __init__(self, source: str, settings: codec.Settings, stall_seconds: float = 10.0):
+        self.source, self.settings, self.stall_seconds = source, settings, stall_seconds
+        self.queue: queue.Queue[Event] = queue.Queue()
+        self.first_frame_at: float | None = None  # wall clock (perf_counter) of the first canonical frame
+        self.thread = threading.Thread(target=self._run, name="live-ingest", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        url, options = open_options(self.source, self.stall_seconds)
+        try:
+            frames = codec.canonical_frames(codec.source_frames(url, self.settings, options), self.settings)
+            for step in codec.steps(self._counted(frames), self.settings):
+                self.queue.put(Event("step", step=step))
+        except codec.VideoError as e:
+            self.queue.put(Event("error", message=str(e)))
+        except Exception as e:  # an FFmpeg surprise ends the stream with its reason, never a traceback
+            self.queue.put(Event("error", message=f"internal error ({type(e).__name__}: {e})"))
+        else:
+            self.queue.put(Event("end"))
+
+    def _counted(self, frames) -> Iterator:
+        count = 0
+        for item in frames:
+            count += 1
+            if self.first_frame_at is None:
+                self.first_frame_at = time.perf_counter()
+            self.queue.put(Event("frames", frames=count))
+            yield item
+
+    def events(self) -> Iterator[Event]:
+        """The stream's events until it ends or fails (then one `error` event and no more). No event
+        for `stall_seconds` is a stall (an `error`), except for a growing file, where FFmpeg's own
+        read timeout ends it."""
+        while True:
+            try:
+                event = self.queue.get(timeout=self.stall_seconds + (5.0 if is_growing_file(self.source) else 0.0))
+            except queue.Empty:
+                yield Event("error", message=f"the stream stalled: no video for {self.stall_seconds:g}s")
+                return
+            yield event
+            if event.kind in ("end", "error"):
+                return
+
+
+class GopAssembler:
+    """Steps in arrival order -> Chunks: a GOP's chunk once it is complete (`add` returns it), and
+    the part that has arrived of the GOP in progress (`pending`), for a question asked mid-GOP."""
+
+    def __init__(self, settings: VideoSettings, source: str):
+        self.settings, self.source = settings, source
+        self.steps_per_gop = settings.preprocessing.gop // settings.preprocessing.fusion
+        self.meta = preprocess.record_meta("live", source, settings.preprocessing)
+        self.steps: list[codec.Step] = []
+
+    def add(self, step: codec.Step) -> Chunk | None:
+        if step.is_gop_start:
+            self.steps = []
+        self.steps.append(step)
+        if len(self.steps) == self.steps_per_gop:
+            chunk, self.steps = self._chunk(self.steps), []
+            return chunk
+        return None
+
+    def pending(self) -> Chunk | None:
+        return self._chunk(self.steps) if self.steps else None
+
+    def _chunk(self, steps: list[codec.Step]) -> Chunk:
+        """The GOP's steps as a record, read back as a file's record is read: the planned steps'
+        RGB, fused motion and residual (derived from the stored frames)."""
+        pre = self.settings.preprocessing
+        data = records.encode(self.meta, steps, pre.jpeg_qscale)
+        within, is_keyframe = gop_plan(len(steps), self.settings)
+        step_index = np.asarray([s.frame_index for s in steps], np.int64)[within] // pre.fusion
+        return Chunk(is_keyframe, sampler.step_seconds(step_index, pre.fusion, pre.fps), records.decode(data, within))

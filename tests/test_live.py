@@ -1,0 +1,245 @@
+"""Live and long video: the GOP-by-GOP prefix against a one-shot prefill, live GOPs against the
+finished file's, `cope_jax.chat --live` on a real-time MPEG-TS stream, stalls, and a bounded cache."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_chat import cope_dir, delta_dir, loaded, source_dir  # noqa: F401 (fixtures)
+
+from cope_jax import chat
+from cope_jax.inference import VideoChat
+from cope_jax.inference.generation import SamplingConfig, generate_from_embeddings
+from cope_jax.inference.prefix import Engine, VideoPrefix
+from cope_jax.video import prompt as prompts
+from cope_jax.video.live import GopAssembler, LiveStream
+from cope_jax.video.settings import VideoInputError
+from cope_jax.video.stream import Chunk, plan_chunks, plan_video, video_batch, video_from_file
+from data_pipeline import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = "What happens in the video?"
+
+
+@pytest.fixture(scope="module")
+def stream_file(tmp_path_factory):
+    """9 s of a moving square as H.264 MPEG-TS (4.5 GOPs of the checkpoint's 2 s)."""
+    path = str(tmp_path_factory.mktemp("live") / "square.ts")
+    synthetic.stream_mpegts(path, synthetic.moving_square(270, 112, 28, 1.5, 0.75), realtime=False)
+    return path
+
+
+def one_shot_answer(loaded, video, settings, question, n):
+    """Greedy answer ids of the whole first prompt prefilled in one call (no prefix, no chunks)."""
+    model, tokenizer, _ = loaded
+    plan = plan_video(video, settings)
+    cfg = model.config
+    batch = video_batch([plan], [video.read(plan.steps)], cfg.tokens_per_keyframe, cfg.tokens_per_p_step, video.size)
+    stream = model.encode_video(jnp.asarray(batch.keyframes), jnp.asarray(batch.mv), jnp.asarray(batch.residual),
+                                jnp.asarray(batch.token_source))
+    pieces = prompts.conversation_pieces([("human", question)], prompts.time_instruction(plan.duration, plan.timestamps),
+                                         add_generation_prompt=True)
+    tokenized = prompts.tokenize(tokenizer, pieces, int(batch.lengths[0]))
+    embeds = model.merge_visual(jnp.asarray(tokenized.ids[None]), jnp.asarray(tokenized.is_visual[None]), stream)
+    stop = prompts.stop_token_ids(tokenizer)
+    ids = generate_from_embeddings(model.language_model, embeds, jnp.ones(embeds.shape[:2], bool),
+                                   SamplingConfig(max_new_tokens=n, eos_token_id=stop))[0].tolist()
+    return ids[: next((i for i, t in enumerate(ids) if t in stop), len(ids))]
+
+
+@pytest.mark.parametrize("switches", [{}, {"keyframes_per_gop": 2}])
+def test_chunked_prefill_answers_equal_the_one_shot_prefill(loaded, stream_file, switches):
+    model, tokenizer, settings = loaded
+    settings = dataclasses.replace(settings, **switches)
+    video = video_from_file(stream_file, settings.preprocessing)
+    assert len(list(plan_chunks(video, plan_video(video, settings)))) == 5  # 4 whole GOPs and half of one
+    chat_ = VideoChat(model, tokenizer, settings, video=lambda: video, sampling=SamplingConfig(max_new_tokens=10))
+    list(chat_.ask(QUESTION))
+    assert chat_.last.answer_ids == one_shot_answer(loaded, video, settings, QUESTION, 10)
+    assert len(chat_.last.answer_ids) >= 3
+
+
+def live_chunks(path, settings):
+    """The file streamed through a pipe into LiveStream + GopAssembler -> the chunks of its GOPs."""
+    read, write = os.pipe()
+
+    def feed():
+        with open(write, "wb") as pipe, open(path, "rb") as f:
+            pipe.write(f.read())
+
+    threading.Thread(target=feed, daemon=True).start()
+    stream, assembler, chunks = LiveStream(f"pipe:{read}", settings.preprocessing, 20), GopAssembler(settings, "pipe"), []
+    for event in stream.events():
+        assert event.kind != "error", event.message
+        if event.kind == "step" and (chunk := assembler.add(event.step)) is not None:
+            chunks.append(chunk)
+    os.close(read)
+    return chunks + [assembler.pending()]
+
+
+@pytest.mark.parametrize("switches", [{}, {"keyframes_per_gop": 2}, {"delta_mode": "keyframes_only"}])
+def test_a_live_gops_primitives_equal_the_finished_files(loaded, stream_file, switches):
+    settings = dataclasses.replace(loaded[2], **switches)
+    video = video_from_file(stream_file, settings.preprocessing)
+    expected, live = list(plan_chunks(video, plan_video(video, settings))), live_chunks(stream_file, settings)
+    assert len(live) == len(expected) == 5
+    for ours, theirs in zip(live, expected):
+        assert np.array_equal(ours.is_keyframe, theirs.is_keyframe)
+        assert np.array_equal(ours.timestamps, theirs.timestamps)
+        for name in ("rgb", "mv", "residual"):
+            assert np.array_equal(ours.primitives[name], theirs.primitives[name]), name
+
+
+def test_live_cli_answers_at_6_and_12_seconds_of_a_real_time_stream(cope_dir, tmp_path):  # noqa: F811
+    """`data_pipeline.synthetic` plays 14 s of MPEG-TS in real time into `chat --video - --live`."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    source = subprocess.Popen([sys.executable, "-m", "data_pipeline.synthetic", "--seconds", "14"], cwd=ROOT,
+                              stdout=subprocess.PIPE)
+    done = subprocess.run([sys.executable, "-m", "cope_jax.chat", "--checkpoint", cope_dir, "--video", "-", "--live",
+                           "--question", "Where is the square?", "--at", "6", "--question", "Where did it go?", "--at", "12",
+                           "--max-new-tokens", "4", "--json"], cwd=ROOT, stdin=source.stdout, capture_output=True,
+                          text=True, env=env, timeout=600)
+    source.wait(timeout=60)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [round(a["video_seconds"]) for a in answers] == [6, 12]
+    assert all(abs(a["video_seconds"] - at) < 0.05 and a["lag_s"] >= 0 for a, at in zip(answers, (6, 12)))
+    # GOPs of 2 s, 1 step per second, 1 keyframe per GOP: 6 s = 6 steps = 3 keyframes + 3 P steps.
+    assert [(a["keyframes"], a["p_steps"], a["visual_tokens"]) for a in answers] == [(3, 3, 90), (6, 6, 180)]
+    assert "the stream ended after 14.0s of video; 2 answers" in done.stderr
+
+
+def run_chat(capsys, *args):
+    code = chat.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_stalled_stream_gives_one_line_and_the_answers_so_far(cope_dir, stream_file, capsys):  # noqa: F811
+    """4 s of the stream arrive, then nothing: the question at 3 s is answered, the one at 8 s is not."""
+    data = open(stream_file, "rb").read()
+    read, write = os.pipe()
+    written = threading.Event()
+
+    def feed():
+        os.write(write, data[: len(data) * 4 // 9])
+        written.wait(30)  # the writer stays, silent, until the test ends
+        os.close(write)
+
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        code, out, err = run_chat(capsys, "--checkpoint", cope_dir, "--video", f"pipe:{read}", "--live",
+                                  "--question", "What happens?", "--at", "3", "--question", "And then?", "--at", "8",
+                                  "--stall-timeout", "3", "--max-new-tokens", "3", "--json")
+    finally:
+        written.set()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, err
+    assert "stalled" in errors[0] and "1 of 2 questions answered" in errors[0]
+    assert [json.loads(line)["video_seconds"] for line in out.splitlines()] == [3.0]
+
+
+def corrupted_after(data: bytes, fraction: float) -> bytes:
+    """The stream with the H.264 payload of its TS packets after `fraction` scrambled (packet and
+    PES headers kept): the decoder meets corrupt slices, as after a broken link."""
+    data, rng = bytearray(data), np.random.default_rng(0)
+    for at in range(int(len(data) * fraction) // 188 * 188, len(data) - 187, 188):
+        if not data[at + 1] & 0x40:  # not the first packet of a PES
+            data[at + 100: at + 188] = rng.integers(0, 256, 88, np.uint8).tobytes()
+    return bytes(data)
+
+
+def test_a_broken_stream_gives_one_line_and_the_answers_so_far(cope_dir, stream_file, capsys):  # noqa: F811
+    read, write = os.pipe()
+
+    def feed():
+        with open(write, "wb") as pipe:
+            pipe.write(corrupted_after(open(stream_file, "rb").read(), 1 / 3))
+
+    threading.Thread(target=feed, daemon=True).start()
+    code, out, err = run_chat(capsys, "--checkpoint", cope_dir, "--video", f"pipe:{read}", "--live", "--question",
+                              "What happens?", "--at", "1", "--question", "And then?", "--at", "100", "--stall-timeout", "5",
+                              "--max-new-tokens", "2", "--json")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, err
+    assert "corrupt stream near" in errors[0] and "1 of 2 questions answered" in errors[0]
+    assert len(out.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- bounded context
+
+
+def synthetic_chunks(seconds: int, size: int, gop_steps: int = 2, seed: int = 0):
+    """`seconds` of random primitives, one step per second, GOPs of `gop_steps` steps (1 keyframe)."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (gop_steps, size, size, 3), np.uint8)
+    mv = rng.normal(0, 2, (gop_steps, size, size, 2)).astype(np.float32)
+    residual = rng.integers(-20, 20, (gop_steps, size, size, 3)).astype(np.int16)
+    keyframe = np.arange(gop_steps) == 0
+    for start in range(0, seconds, gop_steps):
+        yield Chunk(keyframe, np.arange(start, start + gop_steps, dtype=np.float32),
+                    {"rgb": rgb, "mv": mv, "residual": residual})
+
+
+def test_max_context_tokens_keeps_a_60_minute_video_within_its_bound(loaded):
+    """3,600 steps (1,800 GOPs of 30 tokens = 54,000 visual tokens) into a 600-token cache."""
+    model, tokenizer, settings = loaded
+    bound = 600
+    prefix = VideoPrefix(Engine(model), tokenizer, max_tokens=bound, source="synthetic")
+    lengths = set()
+    for chunk in synthetic_chunks(3600, model.config.vision.image_size):
+        prefix.append(chunk)
+        lengths.add(prefix.cache.length)
+        assert len(prefix) <= bound and int(prefix.cache.end) == len(prefix)
+    prefix.seconds = 3600.0
+    assert lengths == {bound}  # the cache never grew: one compiled shape
+    assert prefix.evicted["chunks"] == 1800 - len(prefix.held) and prefix.visual_tokens == 30 * len(prefix.held)
+    assert int(prefix.cache.next_position[0]) == prefix.header_tokens + 1800 * 30  # positions kept
+    kept = prefix.timestamps
+    assert kept[-1] == 3599 and kept[0] == 3600 - len(kept)  # the newest GOPs stay
+    chat_ = VideoChat(model, tokenizer, settings, sampling=SamplingConfig(max_new_tokens=4), max_context_tokens=bound,
+                      prefix=prefix)
+    list(chat_.ask(QUESTION))
+    assert len(chat_.ids) <= bound and chat_.cache.length == bound
+    instruction = prompts.time_instruction(3600.0, chat_.prefix.timestamps)
+    assert instruction in tokenizer.decode([t for t, v in zip(chat_.ids, chat_.is_visual) if not v])
+    assert f"{len(chat_.prefix.timestamps)} frames" in instruction and chat_.prefix.timestamps[-1] == 3599
+
+
+def test_a_video_beyond_the_context_is_refused_with_one_line(cope_dir, stream_file, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setattr(Engine, "context", property(lambda self: 150))  # the clip: 22 header + 150 visual tokens
+    code, out, err = run_chat(capsys, "--checkpoint", cope_dir, "--video", stream_file, "--question", QUESTION, "--json")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and out == "", err
+    assert "exceed the model's context of 150 tokens" in errors[0] and "--max-context-tokens" in errors[0]
+    code, out, err = run_chat(capsys, "--checkpoint", cope_dir, "--video", stream_file, "--question", QUESTION, "--json",
+                              "--max-context-tokens", "160", "--max-new-tokens", "2")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_tokens"] + 2 <= 160 and 0 < result["visual_tokens"] < 150
+
+
+def test_bounded_and_unbounded_answers_agree_when_the_video_fits(loaded, stream_file):
+    model, tokenizer, settings = loaded
+    video = video_from_file(stream_file, settings.preprocessing)
+    answers = []
+    for bound in (None, 4096):
+        chat_ = VideoChat(model, tokenizer, settings, video=lambda: video, sampling=SamplingConfig(max_new_tokens=6),
+                          max_context_tokens=bound)
+        answers.append("".join(chat_.ask(QUESTION)))
+        assert chat_.prefix.evicted["chunks"] == 0
+    assert answers[0] == answers[1]
+
+
+def test_live_refuses_dense_frames(loaded):
+    model, tokenizer, settings = loaded
+    from cope_jax.inference.live import LiveVideoChat
+
+    with pytest.raises(VideoInputError, match="dense-frames"):
+        LiveVideoChat(model, tokenizer, dataclasses.replace(settings, dense_frames=4), stream=None)

@@ -5,7 +5,7 @@
 Endpoints:
   POST /v1/chat/completions   OpenAI chat completions, streamed (stream: true) or not
   GET  /v1/models             the one model served (its name: --model-name, default the checkpoint's folder)
-  GET  /health                {"status": "ok", "busy", "waiting", "video_cache"}; answers while a question runs
+  GET  /health                {"status": "ok", "busy", "waiting", "video_cache", "prefix_cache"}; answers while a question runs
 
 Ask with curl:
 
@@ -30,13 +30,18 @@ or with the openai Python client (pip install openai, in any environment):
 Messages: an optional "system" message first (it replaces the default "You are a helpful
 assistant."), then user and assistant messages ending with a user message. The first user message
 carries exactly one video as a file:// URL; no other message may carry one. Each request holds the
-whole conversation: it is rebuilt from the messages (assistant turns as sent) and prefilled anew.
+whole conversation: it is rebuilt from the messages (assistant turns as sent). The video's prefix
+(system turn, user header, visual tokens, prefilled one GOP at a time) is kept for later requests
+in an LRU of --prefix-cache-gb, keyed by the resolved file, its size and modification time, the
+switches and the system prompt: a later request on the same video prefills only its own tokens
+and answers exactly what a fresh prefill answers.
 Content is a string or a list of {"type": "text"} / {"type": "video_url"} parts.
 Request fields: max_tokens or max_completion_tokens (default 256), temperature (default 0 =
 greedy), top_p, seed (default 0), stream, and how the video is read (default: the checkpoint's,
 docs/architecture.md §7): keyframes_per_gop, delta_mode (cope | zero | keyframes_only),
 dense_frames, max_gops. Any other field is refused, so a misspelt switch never goes unnoticed.
-The reply's usage adds to OpenAI's token counts: visual_tokens, keyframes, p_steps, and ttft_s,
+The reply's usage adds to OpenAI's token counts: visual_tokens, keyframes, p_steps, prefix_reused
+(whether the video's prefix came from the cache), and ttft_s,
 e2el_s, queue_s (seconds from the request's arrival to the first and the last token, and the part
 spent waiting for the model; the first question on a video includes reading it, and the first of
 each prompt shape includes XLA compilation).
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens-limit", type=int, default=4096,
                         help="the longest answer a request may ask for; the KV cache is sized by it (default %(default)s)")
     parser.add_argument("--video-cache", type=int, default=4, help="videos kept decoded in memory (default %(default)s)")
+    parser.add_argument("--prefix-cache-gb", type=float, default=4.0,
+                        help="KV-cache memory kept for recent videos' prefilled prefixes, least recently used out "
+                             "first; 0 keeps none (default %(default)s)")
     add_switch_arguments(parser, "how videos are read when a request does not say (default: the checkpoint's settings)")
     return parser
 
@@ -99,6 +107,8 @@ def check_arguments(args) -> None:
         raise UserError(f"--max-tokens must be in 1..--max-tokens-limit ({args.max_tokens_limit}), got {args.max_tokens}")
     if args.video_cache < 0:
         raise UserError(f"--video-cache must be >= 0, got {args.video_cache}")
+    if not args.prefix_cache_gb >= 0:
+        raise UserError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
 
 
 def is_loopback(host: str) -> bool:

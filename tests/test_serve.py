@@ -348,9 +348,51 @@ def test_help_teaches_a_newcomer(capsys):
         assert phrase in text, phrase
 
 
+def test_a_later_question_on_a_video_reuses_its_prefix_and_answers_as_a_fresh_prefill(loaded, media, clip):
+    """A server of its own (an empty prefix cache): the second question on the clip reuses the
+    first's prefix; other switches, another system prompt or a touched file prefill afresh."""
+    service = Service(*loaded, name="tiny-cope", media=MediaPolicy([str(media[0])]), log=lambda line: None)
+    server = start(service)
+    later, system = "Which way does the car go?", [{"role": "system", "content": "Answer briefly."}]
+    try:
+        replies = [ask(server, clip), ask(server, clip, later), ask(server, clip, later, keyframes_per_gop=2)]
+        messages = system + [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": clip}},
+                                                          {"type": "text", "text": later}]}]
+        replies.append(request(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 8}))
+        os.utime(media[0] / "clip.mp4")  # the same bytes, a new modification time
+        replies.append(ask(server, clip, later))
+        health = service.health()["prefix_cache"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert all(status == 200 for status, _ in replies), replies
+    assert [reply["usage"]["prefix_reused"] for _, reply in replies] == [False, True, False, False, False]
+    fresh = direct_chat(loaded)
+    answer = "".join(fresh.ask(later))
+    for _, reply in (replies[1], replies[4]):
+        assert reply["choices"][0]["message"]["content"] == answer
+        assert reply["usage"]["prompt_tokens"] == fresh.last.prompt_tokens
+        assert reply["usage"]["visual_tokens"] == fresh.last.visual_tokens == 80
+    assert health["hits"] == 1 and health["entries"] == 4 and 0 < health["bytes"] <= 4 * 2**30
+
+
+def test_a_prefix_cache_of_0_gb_keeps_nothing(loaded, media, clip):
+    service = Service(*loaded, name="tiny-cope", media=MediaPolicy([str(media[0])]), prefix_cache_gb=0,
+                      log=lambda line: None)
+    server = start(service)
+    try:
+        replies = [ask(server, clip, max_tokens=2) for _ in range(2)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [reply["usage"]["prefix_reused"] for _, reply in replies] == [False, False]
+    assert service.health()["prefix_cache"]["entries"] == 0
+
+
 @pytest.mark.parametrize("flags, words", [(["--checkpoint", "/nonexistent"], "no such directory"),
                                           (["--allowed-media-path", "/nonexistent"], "--allowed-media-path /nonexistent"),
-                                          (["--port", "70000"], "--port must be in 0..65535")])
+                                          (["--port", "70000"], "--port must be in 0..65535"),
+                                          (["--prefix-cache-gb", "-1"], "--prefix-cache-gb must be >= 0")])
 def test_cli_bad_arguments_give_one_line_and_exit_1(flags, words, cope_dir, capsys):  # noqa: F811
     code = serve.main(["--checkpoint", cope_dir, *flags])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

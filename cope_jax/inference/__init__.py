@@ -7,7 +7,9 @@
     chat = inference.VideoChat(model, tokenizer, settings, video=lambda: video)
     print("".join(chat.ask("What happens in the video?")), chat.last)
 
+- `prefix`: `VideoPrefix`, the video's tokens in a KV cache, grown one GOP at a time (bounded or not);
 - `session`: `VideoChat`, multi-turn generation over one KV cache with streaming and timings;
+- `live`: `LiveVideoChat`, questions about a stream answered while it plays;
 - `generation`: prefill, decode steps and sampling over the LLM's KV cache.
 What a video becomes (settings, step plan, token stream, prompt) is `cope_jax.video`'s.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 
 from cope_jax import checkpoints
+from cope_jax.inference.prefix import Engine, VideoPrefix  # noqa: F401
 from cope_jax.inference.session import TurnStats, VideoChat  # noqa: F401
 from cope_jax.video.settings import VideoSettings
 from cope_jax.video.tokenizer import load_tokenizer

@@ -105,7 +105,8 @@ class VideoChat:
         self.pending: int | None = None  # the last generated token, not yet in the cache
         self.turns: list[TurnStats] = []
         self.plan = None  # the file's step plan, once read
-        self.prefix: VideoPrefix | None = None
+        self.prefix: VideoPrefix | None = None  # this conversation's (a question may evict from its copy)
+        self.video_prefix: VideoPrefix | None = prefix  # the video's prefix as built, before any question
         if prefix is not None:
             self._adopt(prefix)
 
@@ -145,6 +146,7 @@ class VideoChat:
                 break
             prefix.append(chunk)
         self._adopt(prefix)
+        self.video_prefix = prefix
         return self._prefix_stats(ttft_s=sum(prefix.timings.values()))
 
     def _adopt(self, prefix: VideoPrefix) -> None:

@@ -76,9 +76,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _chat_completions(self) -> None:
         service: Service = self.server.service
         request = service.request(parse_body(self._body()))
-        video = service.video(request)
+        key = service.prefix_key(request)
+        video = None if key in service.prefixes else service.video(request)  # read before waiting for the model
         with service.model_turn() as queued:
-            chat = service.new_chat(request, video)
+            chat = service.new_chat(request, key, video)
             pieces = chat.ask(request.question)
             try:
                 first = next(pieces, "")  # the prefill: a bad video is still a 4xx here, before any byte is sent
@@ -89,13 +90,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 text = reply.add(first) + "".join(reply.add(piece) for piece in pieces)
             finally:
                 pieces.close()
+            service.keep_prefix(key, chat)
         stats, ended = chat.last, time.perf_counter()
         timing = {"ttft_s": first_at - self.arrived, "e2el_s": ended - self.arrived, "queue_s": queued}
-        self.notes = f" visual={stats.visual_tokens} ttft={timing['ttft_s']:.2f}s generated={stats.generated_tokens}"
+        self.notes = (f" visual={stats.visual_tokens} ttft={timing['ttft_s']:.2f}s generated={stats.generated_tokens}"
+                      f" prefix={'reused' if chat.prefix_reused else 'new'}")
+        counts = usage(stats, timing, chat.prefix_reused)
         if request.stream:
-            reply.finish(finish_reason(stats, request.sampling), usage(stats, timing))
+            reply.finish(finish_reason(stats, request.sampling), counts)
         else:
-            self._json(200, reply.message(text, finish_reason(stats, request.sampling), usage(stats, timing)))
+            self._json(200, reply.message(text, finish_reason(stats, request.sampling), counts))
 
     # -- reading and writing
 

@@ -187,10 +187,12 @@ def finish_reason(stats, sampling: SamplingConfig) -> str:
     return "length" if not stopped and stats.generated_tokens >= sampling.max_new_tokens else "stop"
 
 
-def usage(stats, timing: dict) -> dict:
+def usage(stats, timing: dict, prefix_reused: bool = False) -> dict:
+    """OpenAI's usage counts, with the video's (visual tokens, steps), whether the video's prefilled
+    prefix was reused from an earlier request, and the timings."""
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
             "total_tokens": stats.prompt_tokens + stats.generated_tokens, "visual_tokens": stats.visual_tokens,
-            "keyframes": stats.keyframes, "p_steps": stats.p_steps,
+            "keyframes": stats.keyframes, "p_steps": stats.p_steps, "prefix_reused": prefix_reused,
             **{name: round(seconds, 4) for name, seconds in timing.items()}}
 
 

@@ -1,6 +1,7 @@
 """The model side of the server: which videos requests may read (`MediaPolicy`), the decoded videos
-they share (`VideoCache`), a chat over a whole OpenAI conversation (`ConversationChat`), and
-`Service`, the model and what requests share; `load_service` builds one from a checkpoint."""
+they share (`VideoCache`), the prefilled video prefixes they share (`PrefixCache`), a chat over a
+whole OpenAI conversation (`ConversationChat`), and `Service`, the model and what requests share;
+`load_service` builds one from a checkpoint."""
 
 from __future__ import annotations
 
@@ -86,6 +87,60 @@ class VideoCache:
             return {"entries": len(self.entries), "hits": self.hits, "misses": self.misses}
 
 
+class PrefixCache:
+    """Recent videos' prefixes (system turn, user header, visual tokens in a KV cache), least
+    recently used first out, within `max_bytes` of cache arrays. Key: the resolved file, its size
+    and modification time, the reading settings (switches) and the system prompt, so an edited
+    file or another switch is prefilled afresh. A request on a kept prefix prefills only its own
+    tokens; what it answers equals a fresh prefill's (tests/test_serve.py)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(path: str, settings, system: str) -> tuple:
+        try:
+            stat = os.stat(path)
+        except OSError as e:
+            raise RequestError(f"{path}: {e.strerror}", 404) from None
+        return (path, stat.st_size, stat.st_mtime_ns, settings, system)
+
+    def __contains__(self, key) -> bool:
+        with self.lock:
+            return key in self.entries
+
+    def get(self, key):
+        """A fork of the kept prefix (the kept one never changes), or None."""
+        with self.lock:
+            prefix = self.entries.get(key)
+            if prefix is None:
+                self.misses += 1
+                return None
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return prefix.fork()
+
+    def put(self, key, prefix) -> None:
+        """Keeps `prefix` (a prefix larger than the whole budget is not kept)."""
+        size = prefix.nbytes()
+        with self.lock:
+            if size > self.max_bytes or key in self.entries:
+                return
+            self.entries[key] = prefix
+            while self._bytes() > self.max_bytes:
+                self.entries.popitem(last=False)
+
+    def _bytes(self) -> int:
+        return sum(prefix.nbytes() for prefix in self.entries.values())
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"entries": len(self.entries), "bytes": self._bytes(), "hits": self.hits, "misses": self.misses}
+
+
 # ---------------------------------------------------------------------------- the model
 
 
@@ -107,10 +162,11 @@ class Service:
     """The model and what requests share. JAX work runs under `lock`, one request at a time."""
 
     def __init__(self, model, tokenizer, settings, *, name: str, media: MediaPolicy, video_cache: int = 4,
-                 max_tokens: int = 256, max_tokens_limit: int = 4096, api_key: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 prefix_cache_gb: float = 4.0, max_tokens: int = 256, max_tokens_limit: int = 4096,
+                 api_key: str | None = None, log: Callable[[str], None] | None = None):
         self.model, self.tokenizer, self.settings, self.name = model, tokenizer, settings, name
         self.media, self.videos = media, VideoCache(video_cache)
+        self.prefixes, self.engine = PrefixCache(int(prefix_cache_gb * 2**30)), inference.Engine(model)
         self.max_tokens, self.max_tokens_limit, self.api_key = max_tokens, max_tokens_limit, api_key
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.lock, self.counts_lock = threading.Lock(), threading.Lock()
@@ -119,7 +175,8 @@ class Service:
     def health(self) -> dict:
         with self.counts_lock:
             busy, waiting = self.busy, self.waiting
-        return {"status": "ok", "model": self.name, "busy": busy, "waiting": waiting, "video_cache": self.videos.stats()}
+        return {"status": "ok", "model": self.name, "busy": busy, "waiting": waiting, "video_cache": self.videos.stats(),
+                "prefix_cache": self.prefixes.stats()}
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "cope_jax"}]}
@@ -137,6 +194,9 @@ class Service:
 
     def video(self, request: ChatRequest) -> Video:
         return self.videos.get(self.media.resolve(request.video_url), self.settings.preprocessing)
+
+    def prefix_key(self, request: ChatRequest) -> tuple:
+        return PrefixCache.key(self.media.resolve(request.video_url), self.settings_for(request), request.system)
 
     @contextlib.contextmanager
     def model_turn(self):
@@ -158,10 +218,20 @@ class Service:
                 self.busy = False
             self.lock.release()
 
-    def new_chat(self, request: ChatRequest, video: Video) -> ConversationChat:
-        return ConversationChat(self.model, self.tokenizer, self.settings_for(request), video=lambda: video,
+    def new_chat(self, request: ChatRequest, key: tuple, video: Video | None) -> ConversationChat:
+        """A chat on the video's kept prefix when there is one (`chat.prefix_reused`), else on the
+        video (read now if it was not read before: its prefix left the cache meanwhile)."""
+        prefix = self.prefixes.get(key)
+        chat = ConversationChat(self.model, self.tokenizer, self.settings_for(request),
+                                video=lambda: video if video is not None else self.video(request),
                                 sampling=request.sampling, seed=request.seed, system=request.system,
-                                history=request.history)
+                                history=request.history, engine=self.engine, prefix=prefix)
+        chat.prefix_reused = prefix is not None
+        return chat
+
+    def keep_prefix(self, key: tuple, chat: ConversationChat) -> None:
+        if not chat.prefix_reused and chat.video_prefix is not None:
+            self.prefixes.put(key, chat.video_prefix)
 
 
 def load_service(args, log) -> Service:
@@ -172,5 +242,6 @@ def load_service(args, log) -> Service:
     if checkpoints.read_meta(directory).get("delta_encoder", {}).get("random"):
         log("NOTE: this checkpoint's Δ-encoder is RANDOM (converted without --delta-encoder): P steps carry no information")
     return Service(model, tokenizer, settings, name=args.model_name or os.path.basename(directory),
-                   media=MediaPolicy(args.allowed_media_path), video_cache=args.video_cache, max_tokens=args.max_tokens,
+                   media=MediaPolicy(args.allowed_media_path), video_cache=args.video_cache,
+                   prefix_cache_gb=args.prefix_cache_gb, max_tokens=args.max_tokens,
                    max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or None, log=log)

@@ -30,8 +30,9 @@ arrived; a --question without --at, or one whose time never comes, is asked when
 Without --question, type questions while it plays (from the terminal when the video is on
 standard input). Each answer covers the video up to its question; --json prints one object per
 answer with "video_seconds" (video seen when asked) and "lag_s" (how far reading was behind the
-stream's real time). The run ends when the stream ends; a stream that stalls (no video for
---stall-timeout seconds) or breaks ends it with one line, after the answers so far.
+stream's real time). The run ends when the stream ends (UDP and a growing file: when no video
+came for --stall-timeout seconds); any other stream that stalls that long, or breaks, ends it
+with one error line, after the answers so far.
 
 A CoPE checkpoint comes from `python -m cope_jax.convert --source <LLaVA-Video> --delta-encoder
 <stage-1 workdir> --output DIR` or from stage-2 fine-tuning (<workdir>/model).
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--at", action="append", type=float, metavar="SECONDS",
                       help="with --live, one per --question: ask when this much video has arrived")
     live.add_argument("--stall-timeout", type=float, default=10.0, metavar="SECONDS",
-                      help="with --live, a stream silent this long has stalled (a growing file: has ended) (default %(default)s)")
+                      help="with --live, a stream silent this long has stalled (UDP, a growing file: has ended) "
+                           "(default %(default)s)")
     live.add_argument("--max-context-tokens", type=int, metavar="N",
                       help="keep the KV cache within N tokens: the oldest GOPs leave it (default: refuse a video "
                            "beyond the model's context)")
@@ -237,7 +239,8 @@ def run_live(args, log) -> int:
     if outcome.error:
         print(f"error: {outcome.error}; {outcome.answered} of {outcome.asked} questions answered", file=sys.stderr)
         return EXIT_BAD_INPUT
-    log(f"{args.video}: the stream ended after {outcome.seconds:.1f}s of video; {outcome.answered} answers")
+    log(f"{args.video}: the stream ended{f' ({outcome.note})' if outcome.note else ''} after {outcome.seconds:.1f}s of video; "
+        f"{outcome.answered} answer{'' if outcome.answered == 1 else 's'}")
     return 0
 
 

@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.synthetic",
         description="Streams a synthetic video (a textured square moving over a still background) as MPEG-TS on "
-                    "standard output, in real time like a camera encoder: a live source for "
-                    "`python -m cope_jax.chat --video - --live`.")
+                    "standard output or to a URL, in real time like a camera encoder: a live source for "
+                    "`python -m cope_jax.chat --video - --live` (or --video URL).")
+    parser.add_argument("--output", default="-", help="- (standard output, default) or a URL FFmpeg writes to, "
+                        "e.g. udp://127.0.0.1:5000")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the stream (default %(default)s)")
     parser.add_argument("--size", type=int, default=112, help="width and height in pixels (default %(default)s)")
     parser.add_argument("--fps", type=int, default=30, help="frame rate (default %(default)s)")
@@ -188,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be > 0, --size >= 32 and --fps >= 1")
     frames = moving_square(round(args.seconds * args.fps), args.size, args.size // 4, 1.5, 0.75)
     try:
-        stream_mpegts(sys.stdout.buffer, frames, args.fps, realtime=not args.as_fast_as_possible)
+        stream_mpegts(sys.stdout.buffer if args.output == "-" else args.output, frames, args.fps,
+                      realtime=not args.as_fast_as_possible)
     except BrokenPipeError:  # the reader went away: nothing more to say
         return 0
+    except av.error.FFmpegError as e:
+        print(f"error: {args.output}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -115,6 +115,22 @@ def test_live_cli_answers_at_6_and_12_seconds_of_a_real_time_stream(cope_dir, tm
     assert "the stream ended after 14.0s of video; 2 answers" in done.stderr
 
 
+def test_a_udp_stream_ends_by_silence(loaded):
+    """UDP sends no end: the run takes `stall_seconds` of silence as the end, not as a stall."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"udp://127.0.0.1:{probe.getsockname()[1]}"
+    stream = LiveStream(url, loaded[2].preprocessing, stall_seconds=3)
+    sender = threading.Timer(1.0, synthetic.stream_mpegts, (url, synthetic.moving_square(90, 112, 28, 1.5, 0.75)))
+    sender.start()
+    events = list(stream.events())
+    sender.join()
+    assert events[-1].kind == "end" and "taken as the stream's end" in events[-1].message
+    assert [e.step.frame_index for e in events if e.kind == "step"] == [0, 30, 60]
+
+
 def run_chat(capsys, *args):
     code = chat.main(list(args))
     out, err = capsys.readouterr()
@@ -170,6 +186,34 @@ def test_a_broken_stream_gives_one_line_and_the_answers_so_far(cope_dir, stream_
     assert code == 1 and len(errors) == 1, err
     assert "corrupt stream near" in errors[0] and "1 of 2 questions answered" in errors[0]
     assert len(out.splitlines()) == 1
+
+
+def test_typed_questions_are_answered_about_the_video_so_far(cope_dir, stream_file, monkeypatch, capsys):  # noqa: F811
+    """Without --question, lines typed while the stream plays are questions; an empty line stops
+    asking. The stream starts once the question was typed, which is then answered at the first step."""
+    import io
+
+    typed = threading.Event()
+
+    class Keyboard(io.StringIO):
+        def __next__(self):
+            line = super().__next__()
+            typed.set()
+            return line
+
+    read, write = os.pipe()
+
+    def feed():
+        typed.wait(120)
+        with open(write, "wb") as pipe, open(stream_file, "rb") as f:
+            pipe.write(f.read())
+
+    threading.Thread(target=feed, daemon=True).start()
+    monkeypatch.setattr(sys, "stdin", Keyboard("What happens?\n\nNot asked.\n"))
+    code, out, err = run_chat(capsys, "--checkpoint", cope_dir, "--video", f"pipe:{read}", "--live", "--max-new-tokens", "3")
+    assert code == 0, err
+    assert out.count("you> What happens?") == 1 and "Not asked" not in out and out.count(" TTFT ") == 1
+    assert "1 answer" in err and "Type a question" in err
 
 
 # ---------------------------------------------------------------------------- bounded context

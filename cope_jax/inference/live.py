@@ -33,6 +33,7 @@ class Outcome:
     answered: int
     asked: int
     error: str | None = None
+    note: str = ""  # how a stream without an end of its own (UDP, a growing file) was taken as ended
 
 
 # on_answer(question, chat, text pieces, lag_s): consume the pieces, then chat.last holds the stats.
@@ -67,25 +68,29 @@ class LiveVideoChat:
         the end. A stall, a broken stream or a video beyond the context ends the run with `error`."""
         scheduled = sorted((q for q in questions if q.at is not None), key=lambda q: q.at)
         at_end = [q for q in questions if q.at is None]
-        asked = len(questions)
+        typed: list[Question] = []  # typed before any video arrived: asked at the first step
+        asked, note = len(questions), ""
         try:
             for event in self.stream.events():
                 if event.kind == "error":
                     return Outcome(self.seconds, self.answered, asked, f"{self.stream.source}: {event.message} "
                                                                        f"after {self.seconds:.1f}s of video")
                 if event.kind == "end":
+                    note = event.message
                     break
                 if event.kind == "question":
                     asked += 1
-                    self._ask(Question(event.message), on_answer)
+                    typed.append(Question(event.message))
                 self._take(event)
                 while scheduled and scheduled[0].at <= self.seconds + 1e-9:
                     self._ask(scheduled.pop(0), on_answer)
-            for question in scheduled + at_end:
+                while typed and (self.prefix.held or self.assembler.steps):
+                    self._ask(typed.pop(0), on_answer)
+            for question in scheduled + typed + at_end:
                 self._ask(question, on_answer)
         except VideoInputError as e:
             return Outcome(self.seconds, self.answered, asked, str(e))
-        return Outcome(self.seconds, self.answered, asked)
+        return Outcome(self.seconds, self.answered, asked, note=note)
 
     def _take(self, event: Event) -> None:
         if event.kind == "frames":
@@ -96,10 +101,12 @@ class LiveVideoChat:
                 self.prefix.append(chunk)
 
     def lag(self) -> float:
-        """How far the video read is behind the stream's real time, from its first frame's arrival."""
-        if self.stream.first_frame_at is None:
+        """How far the video read is behind the stream's real time: the wall time from the first
+        frame's arrival to the newest's, less the video read (a stream that stopped adds no lag)."""
+        stream = self.stream
+        if stream.first_frame_at is None:
             return 0.0
-        return max(0.0, time.perf_counter() - self.stream.first_frame_at - self.seconds)
+        return max(0.0, stream.last_frame_at - stream.first_frame_at - self.seconds)
 
     def _ask(self, question: Question, on_answer: AnswerCallback) -> None:
         lag, clock = self.lag(), time.perf_counter()

@@ -8,7 +8,9 @@ finished file's (tests/test_live.py).
 
 Sources: `-` (standard input: MPEG-TS, Matroska or anything FFmpeg detects), any URL FFmpeg opens
 as a stream (udp://, tcp://, rtsp://, http://, srt://) or a file still being written (read as it
-grows; it ends when no new data came for `stall_seconds`).
+grows). A source that closes (a pipe, TCP, RTSP, HTTP) ends with it; one that has no end but
+silence (UDP, RTP, a growing file) ends when no video came for `stall_seconds`; for the others
+that silence is a stall.
 """
 
 from __future__ import annotations
@@ -45,13 +47,23 @@ def open_options(source: str, stall_seconds: float) -> tuple[str, dict]:
     timeout = str(int(stall_seconds * 1e6))
     if source == STDIN:
         return "pipe:0", {}
-    if "://" in source or source.startswith("pipe:"):
+    if source.startswith(SILENT_END_SCHEMES) or source.startswith("pipe:"):
+        return source, {}  # the events' own timeout notices the silence
+    if "://" in source:
         return source, {"rw_timeout": timeout}
     return os.path.expanduser(source), {"follow": "1", "rw_timeout": timeout}
 
 
+SILENT_END_SCHEMES = ("udp://", "rtp://")
+
+
 def is_growing_file(source: str) -> bool:
     return source != STDIN and "://" not in source and not source.startswith("pipe:")
+
+
+def ends_by_silence(source: str) -> bool:
+    """Whether the source has no end but silence: UDP and RTP send no end, a growing file has none."""
+    return is_growing_file(source) or source.startswith(SILENT_END_SCHEMES)
 
 
 class LiveStream:
@@ -66,6 +78,7 @@ class LiveStream:
         self.source, self.settings, self.stall_seconds = source, settings, stall_seconds
         self.queue: queue.Queue[Event] = queue.Queue()
         self.first_frame_at: float | None = None  # wall clock (perf_counter) of the first canonical frame
+        self.last_frame_at: float | None = None  # ... and of the newest
         self.thread = threading.Thread(target=self._run, name="live-ingest", daemon=True)
         self.thread.start()
 
@@ -86,20 +99,25 @@ class LiveStream:
         count = 0
         for item in frames:
             count += 1
+            self.last_frame_at = time.perf_counter()
             if self.first_frame_at is None:
-                self.first_frame_at = time.perf_counter()
+                self.first_frame_at = self.last_frame_at
             self.queue.put(Event("frames", frames=count))
             yield item
 
     def events(self) -> Iterator[Event]:
         """The stream's events until it ends or fails (then one `error` event and no more). No event
-        for `stall_seconds` is a stall (an `error`), except for a growing file, where FFmpeg's own
-        read timeout ends it."""
+        for `stall_seconds` is the end of a source that ends by silence (an `end` saying so; a
+        growing file's end comes first, from FFmpeg's own read timeout) and a stall of any other."""
         while True:
             try:
                 event = self.queue.get(timeout=self.stall_seconds + (5.0 if is_growing_file(self.source) else 0.0))
             except queue.Empty:
-                yield Event("error", message=f"the stream stalled: no video for {self.stall_seconds:g}s")
+                silence = f"no video for {self.stall_seconds:g}s"
+                if ends_by_silence(self.source):
+                    yield Event("end", message=f"{silence}: taken as the stream's end")
+                else:
+                    yield Event("error", message=f"the stream stalled: {silence}")
                 return
             yield event
             if event.kind in ("end", "error"):

@@ -90,7 +90,7 @@ def test_a_live_gops_primitives_equal_the_finished_files(loaded, stream_file, sw
     expected, live = list(plan_chunks(video, plan_video(video, settings))), live_chunks(stream_file, settings)
     assert len(live) == len(expected) == 5
     for ours, theirs in zip(live, expected):
-        assert np.array_equal(ours.is_keyframe, theirs.is_keyframe)
+        assert np.array_equal(ours.steps, theirs.steps) and np.array_equal(ours.is_keyframe, theirs.is_keyframe)
         assert np.array_equal(ours.timestamps, theirs.timestamps)
         for name in ("rgb", "mv", "residual"):
             assert np.array_equal(ours.primitives[name], theirs.primitives[name]), name
@@ -227,8 +227,8 @@ def synthetic_chunks(seconds: int, size: int, gop_steps: int = 2, seed: int = 0)
     residual = rng.integers(-20, 20, (gop_steps, size, size, 3)).astype(np.int16)
     keyframe = np.arange(gop_steps) == 0
     for start in range(0, seconds, gop_steps):
-        yield Chunk(keyframe, np.arange(start, start + gop_steps, dtype=np.float32),
-                    {"rgb": rgb, "mv": mv, "residual": residual})
+        steps = np.arange(start, start + gop_steps, dtype=np.int32)
+        yield Chunk(steps, keyframe, steps.astype(np.float32), {"rgb": rgb, "mv": mv, "residual": residual})
 
 
 def test_max_context_tokens_keeps_a_60_minute_video_within_its_bound(loaded):
@@ -254,6 +254,22 @@ def test_max_context_tokens_keeps_a_60_minute_video_within_its_bound(loaded):
     instruction = prompts.time_instruction(3600.0, chat_.prefix.timestamps)
     assert instruction in tokenizer.decode([t for t, v in zip(chat_.ids, chat_.is_visual) if not v])
     assert f"{len(chat_.prefix.timestamps)} frames" in instruction and chat_.prefix.timestamps[-1] == 3599
+
+
+def test_a_fork_that_grows_its_cache_leaves_the_prefix_usable(loaded):
+    """A live question's fork may outgrow the cache it shares (then it updates its own in place);
+    the prefix it came from goes on growing afterwards."""
+    model, tokenizer, _ = loaded
+    prefix = VideoPrefix(Engine(model), tokenizer, source="synthetic")  # 256 slots
+    chunks = synthetic_chunks(40, model.config.vision.image_size)  # GOPs of 30 tokens
+    for _ in range(7):
+        prefix.append(next(chunks))
+    fork = prefix.fork()
+    fork.append(next(chunks))  # 22 + 8 x 30 > 256: the fork's first step grows its cache
+    assert fork.cache.length > prefix.cache.length == 256
+    prefix.append(next(chunks))
+    assert len(prefix) == prefix.header_tokens + 240 == int(prefix.cache.end)
+    assert len(fork) == fork.header_tokens + 240 == int(fork.cache.end)
 
 
 def test_a_video_beyond_the_context_is_refused_with_one_line(cope_dir, stream_file, monkeypatch, capsys):  # noqa: F811

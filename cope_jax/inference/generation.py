@@ -64,13 +64,17 @@ def prefill(graphdef, state, inputs_embeds, attention_mask, cache, sampling, rng
     return choose_next_token(logits[:, -1], rng, sampling), cache
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def append_chunk(graphdef, state, inputs_embeds, attention_mask, cache):
-    """Appends one chunk of a long prompt (a GOP's tokens, or a fixed count) to the cache, updated
-    in place (donated), and computes no logits: a prompt of any length prefills in working memory
-    of one chunk beside the cache (an 8-hour video at 1 keyframe per GOP is ~1.0M tokens)."""
+def _append_chunk(graphdef, state, inputs_embeds, attention_mask, cache):
+    """Appends one chunk of a long prompt (a GOP's tokens, or a fixed count) to the cache and
+    computes no logits: a prompt of any length prefills in working memory of one chunk beside the
+    cache (an 8-hour video at 1 keyframe per GOP is ~1.0M tokens)."""
     model = nnx.merge(graphdef, state)
     return model.forward_cached(inputs_embeds, attention_mask, cache, logits="last")[1]
+
+
+# The cache updated in place (donated: a prefix's own) or copied (a cache others still hold).
+append_chunk = jax.jit(_append_chunk, static_argnums=0, donate_argnums=4)
+append_chunk_copy = jax.jit(_append_chunk, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))

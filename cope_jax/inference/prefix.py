@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cope_jax.inference.generation import append_chunk, append_chunk_copy
 from cope_jax.models.cope.modeling import CoPEVideoLM, assemble_stream
 from cope_jax.models.qwen2.modeling import KVCache
 from cope_jax.video import prompt as prompts
@@ -60,16 +61,6 @@ def _text_embeddings(graphdef, state, ids):
     return nnx.merge(graphdef, state).embed(ids)
 
 
-def _append(graphdef, state, inputs_embeds, cache):
-    model = nnx.merge(graphdef, state)
-    return model.forward_cached(inputs_embeds, jnp.ones(inputs_embeds.shape[:2], bool), cache, logits="last")[1]
-
-
-# The prefix's own cache is updated in place; a fork's never is (its arrays are shared).
-_append_in_place = jax.jit(_append, static_argnums=0, donate_argnums=3)
-_append_copy = jax.jit(_append, static_argnums=0)
-
-
 def _drop_slots(cache: KVCache, start, count) -> KVCache:
     """The cache without slots [start, start + count): later slots move down, keeping the keys'
     RoPE positions (they were applied when the keys were written) and next_position."""
@@ -82,18 +73,21 @@ def _drop_slots(cache: KVCache, start, count) -> KVCache:
                    end=cache.end - count)
 
 
+# Like appends: in place for the prefix's own cache, a copy for one a fork shares.
 _drop_in_place = jax.jit(_drop_slots, donate_argnums=0)
 _drop_copy = jax.jit(_drop_slots)
 
 
 def grow_cache(cache: KVCache, length: int) -> KVCache:
-    """The same cache with room for `length` slots (new slots empty)."""
+    """The same cache with room for `length` slots (new slots empty), in arrays of its own: the
+    grown cache may be donated while the one it came from lives on (a fork's prefix)."""
     extra = length - cache.length
     if extra <= 0:
         return cache
     pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
     return KVCache(keys=[pad(k) for k in cache.keys], values=[pad(v) for v in cache.values],
-                   key_valid=pad(cache.key_valid), next_position=cache.next_position, end=cache.end)
+                   key_valid=pad(cache.key_valid), next_position=jnp.array(cache.next_position, copy=True),
+                   end=jnp.array(cache.end, copy=True))
 
 
 def _ready(x):
@@ -214,8 +208,9 @@ class VideoPrefix:
 
     def _prefill(self, embeds: jax.Array) -> None:
         clock = time.perf_counter()
-        append = _append_in_place if self.in_place else _append_copy
-        self.cache = _ready(append(self.engine.lm_graphdef, self.engine.lm_state, embeds, self.cache))
+        append = append_chunk if self.in_place else append_chunk_copy  # a fork's arrays are shared
+        mask = jnp.ones(embeds.shape[:2], bool)
+        self.cache = _ready(append(self.engine.lm_graphdef, self.engine.lm_state, embeds, mask, self.cache))
         self.in_place = True  # the cache is now this prefix's own
         self.timings["prefill_s"] += time.perf_counter() - clock
 

@@ -76,7 +76,9 @@ class LiveStream:
 
     def __init__(self, source: str, settings: codec.Settings, stall_seconds: float = 10.0):
         self.source, self.settings, self.stall_seconds = source, settings, stall_seconds
-        self.queue: queue.Queue[Event] = queue.Queue()
+        # About two GOPs of events (a frame's, a step's): when the model falls behind, the thread
+        # waits (the lag shows it) instead of holding the video's decoded steps in memory.
+        self.queue: queue.Queue[Event] = queue.Queue(maxsize=2 * (settings.gop + settings.gop // settings.fusion))
         self.first_frame_at: float | None = None  # wall clock (perf_counter) of the first canonical frame
         self.last_frame_at: float | None = None  # ... and of the newest
         self.thread = threading.Thread(target=self._run, name="live-ingest", daemon=True)
@@ -152,5 +154,6 @@ class GopAssembler:
         pre = self.settings.preprocessing
         data = records.encode(self.meta, steps, pre.jpeg_qscale)
         within, is_keyframe = gop_plan(len(steps), self.settings)
-        step_index = np.asarray([s.frame_index for s in steps], np.int64)[within] // pre.fusion
-        return Chunk(is_keyframe, sampler.step_seconds(step_index, pre.fusion, pre.fps), records.decode(data, within))
+        step_index = (np.asarray([s.frame_index for s in steps], np.int64)[within] // pre.fusion).astype(np.int32)
+        return Chunk(step_index, is_keyframe, sampler.step_seconds(step_index, pre.fusion, pre.fps),
+                     records.decode(data, within))

@@ -94,21 +94,12 @@ def plan_video(video: Video, settings: VideoSettings) -> VideoPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class Chunk:
+class Chunk(sampler.StepPlan):
     """What a video prefix grows by: the planned steps of one GOP (or of the part of a GOP that has
     arrived, in a live stream) with their primitives. `video_batch` takes it as a one-video plan."""
 
-    is_keyframe: np.ndarray  # bool [S]
-    timestamps: np.ndarray  # float32 [S], seconds from the video's start
-    primitives: dict  # records.decode dict of these steps, in order (rgb, mv, residual)
-
-    @property
-    def num_keyframes(self) -> int:
-        return int(self.is_keyframe.sum())
-
-    @property
-    def num_p_steps(self) -> int:
-        return int((~self.is_keyframe).sum())
+    timestamps: np.ndarray = None  # float32 [S], seconds from the video's start
+    primitives: dict = None  # records.decode dict of these steps, in order (rgb, mv, residual)
 
 
 def plan_chunks(video: Video, plan: VideoPlan) -> Iterator[Chunk]:
@@ -118,7 +109,7 @@ def plan_chunks(video: Video, plan: VideoPlan) -> Iterator[Chunk]:
     gops = gop_of_step[plan.steps]
     for gop in dict.fromkeys(gops.tolist()):
         pick = gops == gop
-        yield Chunk(plan.is_keyframe[pick], plan.timestamps[pick], video.read(plan.steps[pick]))
+        yield Chunk(plan.steps[pick], plan.is_keyframe[pick], plan.timestamps[pick], video.read(plan.steps[pick]))
 
 
 def gop_plan(num_steps: int, settings: VideoSettings) -> tuple[np.ndarray, np.ndarray]:

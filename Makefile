@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_pretrain.py
 	$(VENV)/bin/python bench/bench_long_prefill.py
 	$(VENV)/bin/python bench/bench_ttft.py
+	$(VENV)/bin/python bench/bench_live.py --parts flops live
+	$(VENV)/bin/python bench/bench_live.py --parts memory --minutes 1 10
 	$(VENV)/bin/python bench/plan_finetune.py --devices 8 --mesh fsdp=8 --remat layer none
 	$(VENV)/bin/python bench/plan_finetune.py --devices 64 --mesh fsdp=64 --grad-accum 2
 

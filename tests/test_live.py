@@ -65,6 +65,24 @@ def test_chunked_prefill_answers_equal_the_one_shot_prefill(loaded, stream_file,
     assert len(chat_.last.answer_ids) >= 3
 
 
+def test_a_finished_videos_prefix_ends_with_its_time_instruction(loaded, stream_file):
+    """Every first question about a finished video starts with its time instruction, so the prefix
+    holds it and a question prefills only its own words, answering as a whole prefill does."""
+    model, tokenizer, settings = loaded
+    video = video_from_file(stream_file, settings.preprocessing)
+    chat_ = VideoChat(model, tokenizer, settings, video=lambda: video, sampling=SamplingConfig(max_new_tokens=8))
+    chat_.prefill_video()
+    prefix = chat_.video_prefix
+    plan = plan_video(video, settings)
+    tail = tokenizer.decode(prefix.ids[len(prefix) - prefix.tail_tokens:])
+    assert prefix.tail_tokens > 0 and tail == f"\n{prompts.time_instruction(plan.duration, plan.timestamps)}\n"
+    question = chat_.fork()
+    list(question.ask(QUESTION))
+    own = tokenizer.decode(question.ids[len(prefix): question.last.prompt_tokens])
+    assert own == f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    assert question.last.answer_ids == one_shot_answer(loaded, video, settings, QUESTION, 8)
+
+
 def live_chunks(path, settings):
     """The file streamed through a pipe into LiveStream + GopAssembler -> the chunks of its GOPs."""
     read, write = os.pipe()

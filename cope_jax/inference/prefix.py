@@ -148,6 +148,8 @@ class VideoPrefix:
         header = prompts.tokenize(tokenizer, prompts.video_header_pieces(system))
         self.ids, self.is_visual = header.ids.tolist(), [False] * len(header)
         self.header_tokens = len(header)
+        self.tail_tokens = 0  # text after the video (`with_tail`): no GOP may follow it
+        self.base: VideoPrefix | None = None  # with a tail: the video prefix it continues
         if max_tokens is not None and max_tokens <= self.header_tokens:
             raise VideoInputError(f"--max-context-tokens {max_tokens} leaves no room after the prompt's "
                                   f"{self.header_tokens} header tokens")
@@ -183,9 +185,24 @@ class VideoPrefix:
 
     # -- growing
 
+    def with_tail(self, ids: list[int]) -> "VideoPrefix | None":
+        """A fork with text prefilled after the video: a finished video's time instruction, which
+        every first question about it starts with, so questions prefill only their own words.
+        None when it does not fit without evicting (the instruction describes the GOPs it follows)."""
+        if not self.fits(len(ids)):
+            return None
+        other = self.fork()
+        other.make_room(len(ids))
+        other._prefill(self.engine.text_embeddings(ids))
+        other.ids, other.is_visual = other.ids + list(ids), other.is_visual + [False] * len(ids)
+        other.tail_tokens, other.base = len(ids), self
+        return other
+
     def append(self, chunk: Chunk) -> None:
         """Encodes a chunk (its keyframes in one SigLIP call, its P steps in one Δ-encoder call) and
         prefills its tokens onto the cache in one call, after making room for them."""
+        if self.tail_tokens:
+            raise RuntimeError("a video prefix with text after it takes no more GOPs")  # a bug: tails go on forks
         engine, cfg = self.engine, self.engine.config
         clock = time.perf_counter()
         size = chunk.primitives["rgb"].shape[1]
@@ -250,6 +267,8 @@ class VideoPrefix:
 
     def evict_oldest(self) -> None:
         """The oldest chunk leaves the cache; later slots move down, keeping their positions."""
+        if self.tail_tokens:
+            raise RuntimeError("evict from the video prefix, not from one with text after it")  # a bug
         oldest = self.held.pop(0)
         drop = _drop_in_place if self.in_place else _drop_copy
         self.cache = drop(self.cache, self.header_tokens, oldest.tokens)

@@ -67,6 +67,11 @@ def broadcast_cache(cache: KVCache, batch: int) -> KVCache:
                    key_valid=rows(cache.key_valid), next_position=rows(cache.next_position), end=cache.end)
 
 
+def _starts_with(tokenized: prompts.TokenizedPrompt, prefix: VideoPrefix) -> bool:
+    n = len(prefix)
+    return tokenized.ids[:n].tolist() == prefix.ids and tokenized.is_visual[:n].tolist() == prefix.is_visual
+
+
 # ---------------------------------------------------------------------------- the conversation
 
 
@@ -106,7 +111,9 @@ class VideoChat:
         self.turns: list[TurnStats] = []
         self.plan = None  # the file's step plan, once read
         self.prefix: VideoPrefix | None = None  # this conversation's (a question may evict from its copy)
-        self.video_prefix: VideoPrefix | None = prefix  # the video's prefix as built, before any question
+        # What any first question about the video starts from: the video prefix, with its time
+        # instruction after it when the video is finished (`prefill_video`); the server keeps it.
+        self.video_prefix: VideoPrefix | None = prefix
         if prefix is not None:
             self._adopt(prefix)
 
@@ -145,9 +152,11 @@ class VideoChat:
             if chunk is None:
                 break
             prefix.append(chunk)
-        self._adopt(prefix)
-        self.video_prefix = prefix
-        return self._prefix_stats(ttft_s=sum(prefix.timings.values()))
+        tail = prompts.tokenize(self.tokenizer, prompts.video_tail_pieces(self._preamble(prefix))).ids.tolist()
+        ready = prefix.with_tail(tail) or prefix  # the video is finished: its time instruction is known
+        self._adopt(ready)
+        self.video_prefix = ready
+        return self._prefix_stats(ttft_s=sum(ready.timings.values()))
 
     def _adopt(self, prefix: VideoPrefix) -> None:
         self.prefix = prefix
@@ -185,7 +194,8 @@ class VideoChat:
         for i, question in enumerate(questions):
             tokenized = self._first_prompt(question, self._preamble(self.prefix), self.prefix.visual_tokens)
             rest = tokenized.ids[len(self.prefix):].tolist()
-            if self.max_context_tokens or not self.prefix.fits(len(rest) + self.sampling.max_new_tokens):
+            fits = self.prefix.fits(len(rest) + self.sampling.max_new_tokens)
+            if self.max_context_tokens or not fits or not _starts_with(tokenized, self.prefix):
                 chat = self.fork()  # may need to evict or refuse: alone, as ask() would
                 results[i] = ("".join(chat.ask(question)), chat.last)
             else:
@@ -255,26 +265,33 @@ class VideoChat:
         return prompts.tokenize(self.tokenizer, pieces, visual_tokens)
 
     def _first_turn(self, question: str) -> "_Turn":
-        """The first question: the prefix, then the time instruction and the question's words. With
-        a bounded cache the oldest GOPs leave this conversation's copy of the prefix until the
-        question and its answer fit."""
-        prefix = self.prefix
-        while True:
-            tokenized = self._first_prompt(question, self._preamble(prefix), prefix.visual_tokens)
-            needed = len(tokenized) - len(prefix) + self.sampling.max_new_tokens
-            if not prefix.max_tokens or prefix.fits(needed) or not prefix.held:
-                break
-            prefix = prefix.fork() if prefix is self.prefix else prefix
-            prefix.evict_oldest()
-        if prefix is self.prefix:
-            prefix = prefix.fork()  # the room below must not change the shared prefix
-        if tokenized.ids[: len(prefix)].tolist() != prefix.ids or tokenized.is_visual[: len(prefix)].tolist() != prefix.is_visual:
+        """The first question: its words after the prefix (and the time instruction, unless the
+        prefix already ends with it)."""
+        prefix, tokenized, needed = self._question_prefix(question)
+        if not _starts_with(tokenized, prefix):
             raise RuntimeError("the first turn does not start with the video prefix's tokens")  # a bug: pieces are tokenised apart
         prefix.make_room(needed)
         self._adopt(prefix)
         rest = tokenized.ids[len(prefix):].tolist()
         stats = self._prefix_stats(prompt_tokens=len(tokenized), timings={})
         return _Turn(self.engine.text_embeddings(rest), self.cache, rest, [False] * len(rest), stats)
+
+    def _question_prefix(self, question: str) -> tuple[VideoPrefix, prompts.TokenizedPrompt, int]:
+        """(this question's copy of the prefix, its whole first turn, slots it needs beyond the
+        prefix): the prefix with the time instruction when the question's tokens start with it and
+        fit; else the video prefix alone, in a bounded cache without its oldest GOPs until the
+        question and its answer fit (the time instruction then lists the GOPs kept)."""
+        ready = self.prefix
+        tokenized = self._first_prompt(question, self._preamble(ready), ready.visual_tokens)
+        needed = lambda p: len(tokenized) - len(p) + self.sampling.max_new_tokens  # noqa: E731
+        if ready.base is None or (_starts_with(tokenized, ready) and ready.fits(needed(ready))):
+            prefix = ready.fork()
+        else:
+            prefix = ready.base.fork()
+        while prefix.max_tokens and not prefix.fits(needed(prefix)) and prefix.held:
+            prefix.evict_oldest()
+            tokenized = self._first_prompt(question, self._preamble(prefix), prefix.visual_tokens)
+        return prefix, tokenized, needed(prefix)
 
     def _next_turn(self, question: str) -> "_Turn":
         ids = self._close_previous_answer()

@@ -65,6 +65,14 @@ def video_header_pieces(system: str = SYSTEM_PROMPT) -> list[Piece]:
     return system_pieces(system) + [Piece(f"{IM_START}user\n")]
 
 
+def video_tail_pieces(video_preamble: str) -> list[Piece]:
+    """What a first question says right after the video, before its own words: the time
+    instruction. Tokenised alone it is normally the start of the question's piece (pre-tokenisers
+    split before a question's first word); `VideoChat` checks that and prefills the whole question
+    piece when it is not."""
+    return [Piece(f"\n{video_preamble}\n" if video_preamble else "\n")]
+
+
 def assistant_header() -> list[Piece]:
     return [Piece(f"{IM_START}assistant\n")]
 

@@ -621,7 +621,7 @@ def reuse_table(m: dict) -> str:
         f"| first | fresh `VideoChat.ask` (reads, encodes and prefills the video) | {first['prompt_tokens']:,} "
         f"| {first['ttft_s']:.2f} | {first.get('compile_s', 0):.1f} |",
         f"| second | reused prefix (VideoChat.fork): `fork()` after `prefill_video()`, another question "
-        f"| {second['prompt_tokens'] - m['whole']['prefix_tokens']:,} of {second['prompt_tokens']:,} (time instruction + question) "
+        f"| {second['prompt_tokens'] - m['whole']['prefix_tokens']:,} of {second['prompt_tokens']:,} (what follows the prefix) "
         f"| {second['ttft_s']:.3f} | {second.get('compile_s', 0):.1f} |",
         "", f"Second / first = **{ratio:.4f}** (load average after each: {first['load']:.1f}, {second['load']:.1f}).",
         "", server_table(m["server"])])

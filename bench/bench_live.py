@@ -81,7 +81,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_ttft import describe, lowered_flops, model_on_device, reduced_config  # noqa: E402
+from bench_ttft import add_reduced_model_arguments, describe, lowered_flops, model_on_device, reduced_config  # noqa: E402
 from common import machine  # noqa: E402
 from cope_jax.inference.prefix import Engine  # noqa: E402
 from cope_jax.inference.session import VideoChat  # noqa: E402
@@ -701,10 +701,7 @@ def parse_args(argv=None):
                    "process each (also the FLOP averages)")
     p.add_argument("--size", type=int, default=384, help="side of the synthetic video and the tower's input (384)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per answer")
-    p.add_argument("--vision-layers", type=int, default=4, help="reduced model: SigLIP layers (of 26), as bench_ttft")
-    p.add_argument("--delta-depth", type=int, default=1, help="reduced model: Δ-encoder transformer layers per branch")
-    p.add_argument("--llm-layers", type=int, default=24, help="reduced model: Qwen2-0.5B-shaped LLM layers")
-    p.add_argument("--vocab", type=int, default=151936, help="reduced model: LLM vocabulary")
+    add_reduced_model_arguments(p, "reduced model")
     p.add_argument("--context-tokens", type=int, default=131072, help="the reduced LLM's context (RoPE "
                    "max_position_embeddings; 60 min at 1 kf/GOP = 126k tokens, beyond Qwen2's 32k)")
     p.add_argument("--no-time-instruction", action="store_true", help="leave out LLaVA-Video's time instruction "

@@ -102,6 +102,14 @@ def setups(args) -> list[Setup]:
 # ---------------------------------------------------------------------------- models
 
 
+def add_reduced_model_arguments(parser, where: str) -> None:
+    """The reduced CPU model's sizes (`reduced_config`), the same flags in every benchmark using it."""
+    parser.add_argument("--vision-layers", type=int, default=4, help=f"{where}: SigLIP layers (of 26)")
+    parser.add_argument("--delta-depth", type=int, default=1, help=f"{where}: Δ-encoder transformer layers per branch (paper: 4)")
+    parser.add_argument("--llm-layers", type=int, default=24, help=f"{where}: Qwen2-0.5B-shaped LLM layers (0.5B has 24)")
+    parser.add_argument("--vocab", type=int, default=151936, help=f"{where}: LLM vocabulary (Qwen2-0.5B: 151936)")
+
+
 def reduced_config(args) -> CoPEConfig:
     """The CPU model: SigLIP so400m widths at 384 px (27x27 patches -> 210 tokens per keyframe) with
     fewer layers, the paper's Δ-encoder with fewer transformer layers, a Qwen2-0.5B-shaped LLM."""
@@ -485,10 +493,7 @@ def parse_args(argv=None):
     p.add_argument("--keyframes-per-gop", type=int, nargs="+", default=[1, 2, 4], help="CoPE settings to measure")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer (E2EL)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration after one warm-up (median)")
-    p.add_argument("--vision-layers", type=int, default=4, help="(a) on the CPU: SigLIP layers (of 26)")
-    p.add_argument("--delta-depth", type=int, default=1, help="(a) on the CPU: Δ-encoder transformer layers per branch (paper: 4)")
-    p.add_argument("--llm-layers", type=int, default=24, help="(a) on the CPU: Qwen2-0.5B-shaped LLM layers (0.5B has 24)")
-    p.add_argument("--vocab", type=int, default=151936, help="(a) on the CPU: LLM vocabulary (Qwen2-0.5B: 151936)")
+    add_reduced_model_arguments(p, "(a) on the CPU")
     p.add_argument("--flops-shapes", choices=("7b", "reduced"), default="7b",
                    help="(b) counts the LLaVA-Video-7B shapes, or the reduced CPU model of (a) (same layer options)")
     p.add_argument("--target", help="(c) compile the 7B inference programs for one chip of this accelerator instead "

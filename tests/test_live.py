@@ -16,6 +16,7 @@ from test_chat import cope_dir, delta_dir, loaded, source_dir  # noqa: F401 (fix
 from cope_jax import chat
 from cope_jax.inference import VideoChat
 from cope_jax.inference.generation import SamplingConfig, generate_from_embeddings
+from cope_jax.inference.live import LiveVideoChat
 from cope_jax.inference.prefix import Engine, VideoPrefix
 from cope_jax.video import prompt as prompts
 from cope_jax.video.live import GopAssembler, LiveStream
@@ -317,7 +318,5 @@ def test_bounded_and_unbounded_answers_agree_when_the_video_fits(loaded, stream_
 
 def test_live_refuses_dense_frames(loaded):
     model, tokenizer, settings = loaded
-    from cope_jax.inference.live import LiveVideoChat
-
     with pytest.raises(VideoInputError, match="dense-frames"):
         LiveVideoChat(model, tokenizer, dataclasses.replace(settings, dense_frames=4), stream=None)

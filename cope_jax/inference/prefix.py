@@ -108,7 +108,9 @@ class Engine:
         return self.config.text.max_position_embeddings
 
     def text_embeddings(self, ids) -> jax.Array:
-        return _text_embeddings(self.lm_graphdef, self.lm_state, jnp.asarray(ids, jnp.int32).reshape(1, -1))
+        """ids [T] (one row) or [B,T] -> [B,T,D]."""
+        ids = jnp.asarray(ids, jnp.int32)
+        return _text_embeddings(self.lm_graphdef, self.lm_state, ids[None] if ids.ndim == 1 else ids)
 
 
 # ---------------------------------------------------------------------------- the prefix

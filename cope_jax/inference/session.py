@@ -223,7 +223,7 @@ class VideoChat:
             ids[r, width - len(row):], mask[r, width - len(row):] = row, True
         cache = broadcast_cache(self.cache, batch)
         cache = grow_cache(cache, round_up(len(self.ids) + width + self.sampling.max_new_tokens, CACHE_BLOCK))
-        embeds = self.engine.text_embeddings(ids).reshape(batch, width, -1)
+        embeds = self.engine.text_embeddings(ids)
         token, cache = prefill(self.lm_graphdef, self.lm_state, embeds, jnp.asarray(mask), cache, self.sampling,
                                self._next_rng(), False, False)
         generated = [[t] for t in np.asarray(token)[:real].tolist()]

@@ -114,9 +114,8 @@ def plan_chunks(video: Video, plan: VideoPlan) -> Iterator[Chunk]:
 
 def gop_plan(num_steps: int, settings: VideoSettings) -> tuple[np.ndarray, np.ndarray]:
     """Which of a GOP's first `num_steps` steps are read and which are keyframes -> (step indices
-    within the GOP, is_keyframe): the file rule (`plan_video`) applied to one GOP of a live stream."""
-    if settings.dense_frames:
-        raise VideoInputError("--dense-frames spreads N frames over a whole video; a live stream has no end to spread them over")
+    within the GOP, is_keyframe): the file rule (`plan_video`) applied to one GOP of a live stream
+    (dense plans need a finished video: `LiveVideoChat` refuses them)."""
     plan = sampler.sample_steps(np.arange(num_steps) == 0, settings.preprocessing.gop // settings.preprocessing.fusion,
                                 settings.keyframes_per_gop, max_gops=1)
     steps, keyframe = plan.steps, plan.is_keyframe

@@ -16,13 +16,14 @@ MPEG-TS file before any timing (frames made one at a time, so an hour costs no m
 
 (1) ingestion ("live" part): the TS file is written into a pipe as fast as possible and read as
     `pipe:N` by `video.live.LiveStream` (decode, canonical MPEG-4 re-encode with motion vectors, a
-    step per second, in its own thread) feeding `inference.LiveVideoChat` (GOP assembly: the GOP's
-    steps stored as a record and read back; then `VideoPrefix.append`: keyframe through SigLIP, P
-    steps through the Δ-encoder, 280 tokens prefilled onto the KV cache). One question is asked
+    step per second, in its own thread) feeding `inference.LiveVideoChat` (each step as it arrives:
+    stored as a record with the step before it and read back; then `VideoPrefix.append`: a keyframe
+    through SigLIP and its 210 tokens, or a P step through the Δ-encoder and its 10 tokens, prefilled
+    onto the KV cache). One question is asked
     mid-stream (--ask-at) and its answer time is taken out of the ingestion wall time. A first run
     compiles every shape (reported as "first run"); the second is timed. Split: the model
-    (`prefix.timings`: batching, vision, Δ-encoder, prefill), GOP assembly on the consumer thread,
-    and the rest (waiting for the codec thread). The codec chain alone (LiveStream + GopAssembler, no
+    (`prefix.timings`: batching, vision, Δ-encoder, prefill), step assembly on the consumer thread,
+    and the rest (waiting for the codec thread). The codec chain alone (LiveStream + StepAssembler, no
     model) is timed separately, as is its rate. Goal: >= 1.0 s of video per wall second.
     ("flops" part) FLOPs per second of video at the real LLaVA-Video-7B shapes: one GOP = 1 keyframe
     through SigLIP (26 layers) + 7 P steps through the Δ-encoder (paper sizes) + the LLM (Qwen2-7B)
@@ -30,10 +31,11 @@ MPEG-TS file before any timing (frames made one at a time, so an hour costs no m
     computations on abstract weights (as bench_ttft.py does: direct attention, no loops; the cache
     attention is counted at two cache lengths to get its slope, then made causal analytically),
     divided by 8 s; against an H100's dense bf16 peak (989 TFLOP/s, NVIDIA's H100 SXM datasheet).
-(2) the question asked mid-stream: its TTFT (fork the prefix, encode the part of the GOP in progress,
-    prefill time instruction + question, first token) against a whole prefill of the same finished
+(2) the question asked mid-stream: its TTFT (fork the prefix, which holds every step that has
+    arrived, prefill time instruction + question, first token) against a whole prefill of the same finished
     file: a fresh `VideoChat.ask` reading the file (`video_from_file`: decode + re-encode), encoding
-    and prefilling it all. Both warm (after one run that compiled). Goal: ratio <= 0.05.
+    and prefilling it all. Both warm (after one run that compiled), once per --time-instruction mode
+    (the live question asked once per mode at the same moment). Goal: ratio <= 0.05.
 (3) second question against the first on the same video: through `cope_jax.serve`'s service over
     loopback HTTP (the second request reuses the prefix the first left in the server's LRU; TTFT =
     usage.ttft_s, from the request's arrival), and in-process: first = the fresh `VideoChat.ask` of
@@ -54,10 +56,10 @@ Every part runs the measured work in a subprocess of its own (the parent prints 
 parent never holds a model and each RSS is its own. Timings on a shared 2-core machine vary by 2x
 from run to run: rerun on a quiet one before quoting them.
 
-LLaVA-Video's time instruction lists every step's timestamp (about 7-8 tokens per second of video);
-every question prefills it, so a live question's TTFT grows with the video and the (2) ratio cannot
-fall far below (time-instruction tokens) / (visual + time-instruction tokens) however long the
-video: --no-time-instruction measures the same without it.
+LLaVA-Video's time instruction ("full") lists every step's timestamp (about 7 tokens per second of
+video) and changes as the video grows, so every question prefills it: a live question's TTFT then
+grows with the video, and the (2) ratio cannot fall far below (time-instruction tokens) / (visual +
+time-instruction tokens). "duration" states the length and step count only (a few dozen tokens).
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ from cope_jax.models.qwen2.modeling import KVCache  # noqa: E402
 from cope_jax.serving.http import make_server  # noqa: E402
 from cope_jax.serving.service import MediaPolicy, Service  # noqa: E402
 from cope_jax.video import prompt as prompts  # noqa: E402
-from cope_jax.video.live import GopAssembler, LiveStream  # noqa: E402
+from cope_jax.video.switches import TIME_INSTRUCTIONS  # noqa: E402
+from cope_jax.video.live import LiveStream, StepAssembler  # noqa: E402
 from cope_jax.video.settings import VideoSettings  # noqa: E402
 from cope_jax.video.stream import video_from_file  # noqa: E402
 from cope_jax.video.tokenizer import chatml_tokenizer  # noqa: E402
@@ -172,7 +175,7 @@ def encode_stream(path: str, seconds: float, size: int) -> dict:
 def video_settings(args) -> VideoSettings:
     """The paper's preprocessing, 1 keyframe per GOP; every GOP of a file read (no uniform GOP sampling)."""
     return VideoSettings(preprocessing=codec.Settings(fps=float(FPS), gop=GOP, fusion=FUSION, size=args.size),
-                         keyframes_per_gop=1, max_gops=10**9, time_instruction=not args.no_time_instruction)
+                         keyframes_per_gop=1, max_gops=10**9, time_instruction=args.time_instruction[0])
 
 
 class PipeFeed:
@@ -335,11 +338,11 @@ def build_model(args):
 
 
 def codec_alone(feed_path: str, settings: VideoSettings, stall: float) -> dict:
-    """LiveStream + GopAssembler on the pipe, no model: the codec chain's own rate."""
+    """LiveStream + StepAssembler on the pipe, no model: the codec chain's own rate."""
     feed = PipeFeed(feed_path)
     stream = LiveStream(feed.source, settings.preprocessing, stall)
     feed.start()
-    assembler, started, frames, steps, gops, assemble_s = GopAssembler(settings, "pipe"), time.perf_counter(), 0, 0, 0, 0.0
+    assembler, started, frames, steps, chunks, assemble_s = StepAssembler(settings, "pipe"), time.perf_counter(), 0, 0, 0, 0.0
     for event in stream.events():
         if event.kind == "error":
             raise RuntimeError(event.message)
@@ -348,11 +351,11 @@ def codec_alone(feed_path: str, settings: VideoSettings, stall: float) -> dict:
         elif event.kind == "step":
             steps += 1
             clock = time.perf_counter()
-            gops += assembler.add(event.step) is not None
+            chunks += assembler.add(event.step) is not None
             assemble_s += time.perf_counter() - clock
     wall = time.perf_counter() - started
     feed.close()
-    return dict(video_s=frames / FPS, wall_s=wall, steps=steps, gops=gops, assemble_s=assemble_s, rate=frames / FPS / wall)
+    return dict(video_s=frames / FPS, wall_s=wall, steps=steps, chunks=chunks, assemble_s=assemble_s, rate=frames / FPS / wall)
 
 
 def live_run(model, engine, tokenizer, settings, path: str, args, label: str) -> dict:
@@ -367,11 +370,13 @@ def live_run(model, engine, tokenizer, settings, path: str, args, label: str) ->
     answers = []
     ask = live._ask
 
-    def ask_counting_compiles(*a, **k):  # the question's own compiles (a new partial-GOP or prompt shape)
-        snapshot = dict(COMPILES)
-        ask(*a, **k)
-        if answers:
-            answers[-1].update(compiled_since(snapshot))
+    def ask_counting_compiles(*a, **k):  # once per time instruction; the question's own compiles (a new prompt shape)
+        for mode in args.time_instruction:
+            live.settings = dataclasses.replace(settings, time_instruction=mode)
+            snapshot = dict(COMPILES)
+            ask(*a, **k)
+            answers[-1].update(compiled_since(snapshot), mode=mode)
+        live.settings = settings
 
     live._ask = ask_counting_compiles
 
@@ -405,8 +410,8 @@ def live_run(model, engine, tokenizer, settings, path: str, args, label: str) ->
         raise RuntimeError("the live question was not answered")
     log(f"live ({label}): {row['video_s']:.0f} s of video in {ingest_wall:.1f} s of ingestion = {row['rate']:.2f}x real time "
         f"(model {model_s:.1f} s, {row['compile_s']:.1f} s compiling); question at {args.ask_at:g} s over "
-        f"{answers[0]['keyframes']} kf + {answers[0]['p_steps']} P: TTFT {answers[0]['ttft_s']:.2f} s "
-        f"({answers[0].get('compile_s', 0):.1f} s compiling)")
+        f"{answers[0]['keyframes']} kf + {answers[0]['p_steps']} P: TTFT "
+        + ", ".join(f"{a['ttft_s']:.2f} s ({a['mode']}, {a.get('compile_s', 0):.1f} s compiling)" for a in answers))
     return row
 
 
@@ -414,8 +419,9 @@ def whole_and_reuse(model, engine, tokenizer, settings, path: str, args) -> dict
     """(2)/(3): a fresh VideoChat.ask reading the finished file, and a fork of a prefilled chat."""
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
     read = lambda: video_from_file(path, settings.preprocessing)  # noqa: E731
-    new_chat = lambda: VideoChat(model, tokenizer, settings, video=read, sampling=sampling, stop_at_eos=False,  # noqa: E731
-                                 engine=engine)
+    new_chat = lambda mode=settings.time_instruction: VideoChat(  # noqa: E731
+        model, tokenizer, dataclasses.replace(settings, time_instruction=mode), video=read, sampling=sampling,
+        stop_at_eos=False, engine=engine)
 
     def ask(chat, question):
         snapshot = dict(COMPILES)
@@ -430,10 +436,14 @@ def whole_and_reuse(model, engine, tokenizer, settings, path: str, args) -> dict
     base.prefill_video()
     warm_first = ask(base.fork(), QUESTION)
     ask(base.fork(), SECOND_QUESTION)
+    for mode in args.time_instruction[1:]:  # the other modes' time instructions compile their own lengths
+        ask(new_chat(mode), QUESTION)
     warm_s = time.perf_counter() - clock
-    log("whole prefill: timed fresh VideoChat.ask")
-    first = ask(new_chat(), QUESTION)
-    first_load = os.getloadavg()[0]
+    fresh = {}
+    for mode in args.time_instruction:
+        log(f"whole prefill: timed fresh VideoChat.ask ({mode} time instruction)")
+        fresh[mode] = ask(new_chat(mode), QUESTION), os.getloadavg()[0]
+    first, first_load = fresh[settings.time_instruction]
     log(f"whole prefill: TTFT {first.ttft_s:.2f} s; timed reused prefix (VideoChat.fork)")
     second = ask(base.fork(), SECOND_QUESTION)
     log(f"reused prefix: TTFT {second.ttft_s:.3f} s")
@@ -441,7 +451,7 @@ def whole_and_reuse(model, engine, tokenizer, settings, path: str, args) -> dict
                           p_steps=s.p_steps, visual_tokens=s.visual_tokens, prompt_tokens=s.prompt_tokens,
                           video_seconds=s.video_seconds, **s.compiled)
     return dict(first=pick(first) | dict(load=first_load), second=pick(second) | dict(load=os.getloadavg()[0]), warm_up_s=warm_s, warm_first_ttft_s=warm_first.ttft_s,
-                prefix_tokens=len(base.prefix))
+                prefix_tokens=len(base.prefix), fresh={mode: pick(stats) | dict(load=load) for mode, (stats, load) in fresh.items()})
 
 
 def server_questions(model, tokenizer, settings, path: str, args) -> dict:
@@ -528,10 +538,13 @@ def child_memory(args) -> dict:
     total_gops = int(args.minutes_child * 60 // GOP_SECONDS)
     started = time.perf_counter()
     append = live.prefix.append
-    progress = {"gops": 0, "last": started}
+    progress = {"steps": 0, "gops": 0, "last": started}
 
-    def logged_append(chunk):
+    def logged_append(chunk):  # one step at a time
         append(chunk)
+        progress["steps"] += 1
+        if progress["steps"] % STEPS_PER_GOP:
+            return
         progress["gops"] += 1
         if progress["gops"] == 1:  # the first GOP compiles every encoder and the prefill: its peak apart
             progress["first_peak"] = proc_status_kib("VmHWM") * 1024
@@ -578,7 +591,7 @@ def live_tables(m: dict) -> str:
                      f"| {t['primitives_s']:.1f} / {t['vision_s']:.1f} / {t['delta_s']:.1f} / {t['prefill_s']:.1f} "
                      f"| {r['model_s']:.1f} | {r['model_rate']:.2f} | {r['assemble_s']:.1f} | {r['waiting_s']:.1f} "
                      f"| {r['cache_tokens']:,} | {r['cpu_s']:.0f} | {r['compile_s']:.1f} | {r['load']:.1f} |")
-    lines.append(f"| codec chain alone (LiveStream + GopAssembler, no model) | {c['video_s']:.0f} | {c['wall_s']:.1f} "
+    lines.append(f"| codec chain alone (LiveStream + StepAssembler, no model) | {c['video_s']:.0f} | {c['wall_s']:.1f} "
                  f"| **{c['rate']:.2f}** | – | – | – | {c['assemble_s']:.1f} | – | – | – | – | – |")
     rate = m["live"]["rate"]
     lines += ["", f"Ingestion (timed run): **{rate:.2f}× real time** against the goal ≥ 1.0: "
@@ -588,28 +601,30 @@ def live_tables(m: dict) -> str:
 
 
 def question_table(m: dict) -> str:
-    live, warm_up = m["live"]["answers"][0], m["live_first"]["answers"][0]
-    first = m["whole"]["first"]
-    t = first["timings"]
-    ratio = live["ttft_s"] / first["ttft_s"]
-    row = lambda a, what: (f"| live, {what}, asked at {a['at']:g} s mid-stream (fork + part of the GOP in progress "  # noqa: E731
-                           f"+ time instruction + question) | {a['video_seconds']:.1f} | {a['keyframes']} + {a['p_steps']} "
+    whole = m["whole"]["fresh"]
+    row = lambda a, what: (f"| live, {what}, {a['mode']} time instruction, asked at {a['at']:g} s mid-stream (fork + "  # noqa: E731
+                           f"time instruction + question) | {a['video_seconds']:.1f} | {a['keyframes']} + {a['p_steps']} "
                            f"| {a['prompt_tokens']:,} | {a['text_tokens']:,} | **{a['ttft_s']:.3f}** | {a.get('compile_s', 0):.1f} "
                            f"| lag behind the stream when asked {a['lag_s']:.1f} s |")
     lines = ["| question | video covered (s) | kf + P | prompt tokens | of which text (time instruction + question) "
-             "| TTFT (s) | of which XLA compiling (s) | split |", "|---|---|---|---|---|---|---|---|",
-             row(warm_up, "first run"), row(live, "timed run"),
-             f"| whole prefill: fresh `VideoChat.ask` on the finished file | {first['video_seconds']:.1f} "
-             f"| {first['keyframes']} + {first['p_steps']} | {first['prompt_tokens']:,} | {first['text_tokens']:,} "
-             f"| **{first['ttft_s']:.2f}** | {first.get('compile_s', 0):.1f} "
-             f"| reading + batching {t.get('primitives_s', 0):.2f}, SigLIP {t.get('vision_s', 0):.2f}, "
-             f"Δ {t.get('delta_s', 0):.2f}, prefill {t.get('prefill_s', 0):.2f} |",
-             "", "The part of the GOP in progress when the question comes depends on how far the codec thread got "
-             "(the question is due on the frame count, the steps follow): a size the first run did not meet compiles "
-             "its encoders and append, and a question whose prompt length is new compiles its prefill.",
-             "", f"Live TTFT (timed run) / whole prefill = **{ratio:.4f}** against the goal ≤ 0.05: {'met' if ratio <= 0.05 else 'NOT met'}. "
-             f"Load average (1 min) after the live run {m['live']['load']:.1f}, after the whole prefill {first['load']:.1f} "
-             f"({os.cpu_count()} cores): above the core count the times are inflated by other work."]
+             "| TTFT (s) | of which XLA compiling (s) | split |", "|---|---|---|---|---|---|---|---|"]
+    lines += [row(a, "first run") for a in m["live_first"]["answers"]] + [row(a, "timed run") for a in m["live"]["answers"]]
+    for mode, first in whole.items():
+        t = first["timings"]
+        lines.append(f"| whole prefill, {mode} time instruction: fresh `VideoChat.ask` on the finished file "
+                     f"| {first['video_seconds']:.1f} | {first['keyframes']} + {first['p_steps']} | {first['prompt_tokens']:,} "
+                     f"| {first['text_tokens']:,} | **{first['ttft_s']:.2f}** | {first.get('compile_s', 0):.1f} "
+                     f"| reading + batching {t.get('primitives_s', 0):.2f}, SigLIP {t.get('vision_s', 0):.2f}, "
+                     f"Δ {t.get('delta_s', 0):.2f}, prefill {t.get('prefill_s', 0):.2f} |")
+    lines += ["", "Each step joins the prefix as it arrives, so the video is in the cache when the question comes; "
+              "a question whose prompt length is new compiles its prefill (the first run)."]
+    for live in m["live"]["answers"]:
+        ratio = live["ttft_s"] / whole[live["mode"]]["ttft_s"]
+        lines.append(f"\nLive TTFT / whole prefill, {live['mode']} time instruction (timed run) = **{ratio:.4f}** "
+                     f"against the goal ≤ 0.05: {'met' if ratio <= 0.05 else 'NOT met'}.")
+    lines.append(f"\nLoad average (1 min) after the live run {m['live']['load']:.1f}, after the whole prefills "
+                 + ", ".join(f"{w['load']:.1f}" for w in whole.values())
+                 + f" ({os.cpu_count()} cores): above the core count the times are inflated by other work.")
     return "\n".join(lines)
 
 
@@ -704,8 +719,10 @@ def parse_args(argv=None):
     add_reduced_model_arguments(p, "reduced model")
     p.add_argument("--context-tokens", type=int, default=131072, help="the reduced LLM's context (RoPE "
                    "max_position_embeddings; 60 min at 1 kf/GOP = 126k tokens, beyond Qwen2's 32k)")
-    p.add_argument("--no-time-instruction", action="store_true", help="leave out LLaVA-Video's time instruction "
-                   "(it lists every step's timestamp, about 7 tokens per second of video, prefilled with each question)")
+    p.add_argument("--time-instruction", nargs="+", choices=TIME_INSTRUCTIONS, default=["full", "duration"],
+                   help="(2) the live question and the whole prefill, once per mode (full: LLaVA-Video's, every step's "
+                        "timestamp, ~7 tokens per second of video; duration: its length only); the first mode is "
+                        "also the rest's (default: %(default)s)")
     p.add_argument("--queue-gops", type=float, default=2.0, help="(4) the feeder pauses while more than this many GOPs "
                    "of events wait in the stream's queue")
     p.add_argument("--stall-seconds", type=float, default=600.0, help="LiveStream's stall timeout")

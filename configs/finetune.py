@@ -40,7 +40,7 @@ def _common() -> ml_collections.ConfigDict:
     # What the LLM reads (docs/architecture.md §7 switches; App. C trains with 4 keyframes + 4 P steps per GOP).
     c.keyframes_per_gop = 4
     c.max_gops = 64
-    c.time_instruction = True
+    c.time_instruction = "full"  # full (LLaVA-Video's, every step's time) | duration | none
     # Token budget per sample (visual + text, counted before batching); over it, GOPs are dropped
     # uniformly, never assistant text. Sequences are padded to the smallest bucket that fits.
     c.max_seq_len = 16384

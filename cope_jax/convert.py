@@ -44,6 +44,7 @@ from cope_jax.models.resnet.modeling import ResNet
 from cope_jax.models.siglip import params as siglip_params
 from cope_jax.models.siglip.modeling import SiglipVisionModel
 from cope_jax.video.settings import VideoSettings
+from cope_jax.video.switches import TIME_INSTRUCTIONS
 from cope_jax.weights import CheckpointReader, ConversionError, Rule, apply_rules, ignore, read_config, with_prefix
 
 
@@ -214,14 +215,18 @@ def _parser() -> argparse.ArgumentParser:
     cope.add_argument("--keyframes-per-gop", type=int, default=defaults.keyframes_per_gop,
                       help="keyframes per GOP, the other steps are P steps (default %(default)s, as fine-tuned: App. C)")
     cope.add_argument("--max-gops", type=int, default=defaults.max_gops, help="longer videos are sampled uniformly by GOP (default %(default)s)")
-    cope.add_argument("--no-time-instruction", action="store_true", help="leave out LLaVA-Video's 'The video lasts for ...' preamble")
+    cope.add_argument("--time-instruction", choices=list(TIME_INSTRUCTIONS), default=defaults.time_instruction,
+                      help="the preamble after the video: full = LLaVA-Video's, with every step's time (default); "
+                           "duration = its length and step count only; none")
+    cope.add_argument("--no-time-instruction", dest="time_instruction", action="store_const", const="none",
+                      help="the same as --time-instruction none")
     return parser
 
 
 def video_settings_from_args(args) -> VideoSettings:
     return VideoSettings().with_switches(
         where="video settings", error=ConversionError, fps=args.fps, gop=args.gop, fusion=args.fusion,
-        keyframes_per_gop=args.keyframes_per_gop, max_gops=args.max_gops, time_instruction=not args.no_time_instruction)
+        keyframes_per_gop=args.keyframes_per_gop, max_gops=args.max_gops, time_instruction=args.time_instruction)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,7 @@ def test_convert_assembles_a_cope_checkpoint(cope_dir, delta_dir):
     assert meta["delta_encoder"]["source"] == os.path.abspath(delta_dir)
     video = meta["video"]
     assert video["preprocessing"]["size"] == 112 and video["preprocessing"]["gop"] == 60
-    assert (video["keyframes_per_gop"], video["delta_mode"], video["time_instruction"]) == (1, "cope", True)
+    assert (video["keyframes_per_gop"], video["delta_mode"], video["time_instruction"]) == (1, "cope", "full")
     assert meta["config"]["pool_mode"] == "bilinear"
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(cope_dir)) <= {
         "tokenizer.json", "tokenizer_config.json", "model.json", "params"}

@@ -155,4 +155,4 @@ def test_sweep_writes_its_table_and_plot(cope_dir, videos, tmp_path, capsys):  #
     assert evaluate.main(["--checkpoint", cope_dir, "--questions", str(tmp_path / "q.jsonl"), "--output", str(output),
                           "--sweep", "speed=3"]) == 1
     assert capsys.readouterr().err.strip() == ("error: --sweep 'speed=3': expected field=value with fields "
-                                               "keyframes_per_gop, max_gops, dense_frames, delta_mode, fusion")
+                                               "keyframes_per_gop, delta_mode, dense_frames, max_gops, time_instruction, fusion")

@@ -16,10 +16,10 @@ from test_chat import cope_dir, delta_dir, loaded, source_dir  # noqa: F401 (fix
 from cope_jax import chat
 from cope_jax.inference import VideoChat
 from cope_jax.inference.generation import SamplingConfig, generate_from_embeddings
-from cope_jax.inference.live import LiveVideoChat
+from cope_jax.inference.live import LiveVideoChat, Question
 from cope_jax.inference.prefix import Engine, VideoPrefix
 from cope_jax.video import prompt as prompts
-from cope_jax.video.live import GopAssembler, LiveStream
+from cope_jax.video.live import LiveStream, StepAssembler
 from cope_jax.video.settings import VideoInputError
 from cope_jax.video.stream import Chunk, plan_chunks, plan_video, video_batch, video_from_file
 from data_pipeline import synthetic
@@ -84,8 +84,8 @@ def test_a_finished_videos_prefix_ends_with_its_time_instruction(loaded, stream_
     assert question.last.answer_ids == one_shot_answer(loaded, video, settings, QUESTION, 8)
 
 
-def live_chunks(path, settings):
-    """The file streamed through a pipe into LiveStream + GopAssembler -> the chunks of its GOPs."""
+def pipe_from(path) -> tuple[str, int]:
+    """The file written into a pipe by a thread -> (FFmpeg's name for the pipe, its read end)."""
     read, write = os.pipe()
 
     def feed():
@@ -93,26 +93,35 @@ def live_chunks(path, settings):
             pipe.write(f.read())
 
     threading.Thread(target=feed, daemon=True).start()
-    stream, assembler, chunks = LiveStream(f"pipe:{read}", settings.preprocessing, 20), GopAssembler(settings, "pipe"), []
+    return f"pipe:{read}", read
+
+
+def live_chunks(path, settings):
+    """The file streamed through a pipe into LiveStream + StepAssembler -> one chunk per step read."""
+    source, read = pipe_from(path)
+    stream, assembler, chunks = LiveStream(source, settings.preprocessing, 20), StepAssembler(settings, "pipe"), []
     for event in stream.events():
         assert event.kind != "error", event.message
         if event.kind == "step" and (chunk := assembler.add(event.step)) is not None:
             chunks.append(chunk)
     os.close(read)
-    return chunks + [assembler.pending()]
+    return chunks
 
 
 @pytest.mark.parametrize("switches", [{}, {"keyframes_per_gop": 2}, {"delta_mode": "keyframes_only"}])
-def test_a_live_gops_primitives_equal_the_finished_files(loaded, stream_file, switches):
+def test_live_steps_primitives_equal_the_finished_files(loaded, stream_file, switches):
+    """Each live step, as it arrives, is the finished file's: its role, time and primitives."""
     settings = dataclasses.replace(loaded[2], **switches)
     video = video_from_file(stream_file, settings.preprocessing)
     expected, live = list(plan_chunks(video, plan_video(video, settings))), live_chunks(stream_file, settings)
-    assert len(live) == len(expected) == 5
-    for ours, theirs in zip(live, expected):
-        assert np.array_equal(ours.steps, theirs.steps) and np.array_equal(ours.is_keyframe, theirs.is_keyframe)
-        assert np.array_equal(ours.timestamps, theirs.timestamps)
-        for name in ("rgb", "mv", "residual"):
-            assert np.array_equal(ours.primitives[name], theirs.primitives[name]), name
+    assert len(expected) == 5 and all(len(chunk.steps) == 1 for chunk in live)
+    assert [c.gop for c in live] == [c.gop for c in expected for _ in c.steps]
+    for name in ("steps", "is_keyframe", "timestamps"):
+        assert np.array_equal(np.concatenate([getattr(c, name) for c in live]),
+                              np.concatenate([getattr(c, name) for c in expected])), name
+    for name in ("rgb", "mv", "residual"):
+        ours = np.concatenate([c.primitives[name] for c in live])
+        assert np.array_equal(ours, np.concatenate([c.primitives[name] for c in expected])), name
 
 
 def test_live_cli_answers_at_6_and_12_seconds_of_a_real_time_stream(cope_dir, tmp_path):  # noqa: F811
@@ -238,16 +247,20 @@ def test_typed_questions_are_answered_about_the_video_so_far(cope_dir, stream_fi
 # ---------------------------------------------------------------------------- bounded context
 
 
-def synthetic_chunks(seconds: int, size: int, gop_steps: int = 2, seed: int = 0):
-    """`seconds` of random primitives, one step per second, GOPs of `gop_steps` steps (1 keyframe)."""
+def synthetic_chunks(seconds: int, size: int, gop_steps: int = 2, seed: int = 0, per_step: bool = False):
+    """`seconds` of random primitives, one step per second, GOPs of `gop_steps` steps (1 keyframe):
+    a chunk per GOP (a file's), or per step (a live stream's)."""
     rng = np.random.default_rng(seed)
-    rgb = rng.integers(0, 256, (gop_steps, size, size, 3), np.uint8)
-    mv = rng.normal(0, 2, (gop_steps, size, size, 2)).astype(np.float32)
-    residual = rng.integers(-20, 20, (gop_steps, size, size, 3)).astype(np.int16)
+    primitives = {"rgb": rng.integers(0, 256, (gop_steps, size, size, 3), np.uint8),
+                  "mv": rng.normal(0, 2, (gop_steps, size, size, 2)).astype(np.float32),
+                  "residual": rng.integers(-20, 20, (gop_steps, size, size, 3)).astype(np.int16)}
     keyframe = np.arange(gop_steps) == 0
     for start in range(0, seconds, gop_steps):
         steps = np.arange(start, start + gop_steps, dtype=np.int32)
-        yield Chunk(steps, keyframe, steps.astype(np.float32), {"rgb": rgb, "mv": mv, "residual": residual})
+        parts = [slice(i, i + 1) for i in range(gop_steps)] if per_step else [slice(None)]
+        for part in parts:
+            yield Chunk(steps[part], keyframe[part], steps[part].astype(np.float32),
+                        {name: value[part] for name, value in primitives.items()}, gop=start // gop_steps)
 
 
 def test_max_context_tokens_keeps_a_60_minute_video_within_its_bound(loaded):
@@ -262,7 +275,7 @@ def test_max_context_tokens_keeps_a_60_minute_video_within_its_bound(loaded):
         assert len(prefix) <= bound and int(prefix.cache.end) == len(prefix)
     prefix.seconds = 3600.0
     assert lengths == {bound}  # the cache never grew: one compiled shape
-    assert prefix.evicted["chunks"] == 1800 - len(prefix.held) and prefix.visual_tokens == 30 * len(prefix.held)
+    assert prefix.evicted["gops"] == 1800 - len(prefix.held) and prefix.visual_tokens == 30 * len(prefix.held)
     assert int(prefix.cache.next_position[0]) == prefix.header_tokens + 1800 * 30  # positions kept
     kept = prefix.timestamps
     assert kept[-1] == 3599 and kept[0] == 3600 - len(kept)  # the newest GOPs stay
@@ -273,6 +286,24 @@ def test_max_context_tokens_keeps_a_60_minute_video_within_its_bound(loaded):
     instruction = prompts.time_instruction(3600.0, chat_.prefix.timestamps)
     assert instruction in tokenizer.decode([t for t, v in zip(chat_.ids, chat_.is_visual) if not v])
     assert f"{len(chat_.prefix.timestamps)} frames" in instruction and chat_.prefix.timestamps[-1] == 3599
+
+
+def test_a_bounded_live_prefix_lets_whole_gops_go(loaded):
+    """Steps arrive one by one; when the bound is reached the oldest GOP leaves whole (its keyframe
+    and its P steps), so the cache always starts with a keyframe, and what is kept equals a file's
+    GOP chunks appended under the same bound."""
+    model, tokenizer, _ = loaded
+    engine, size = Engine(model), model.config.vision.image_size
+    per_step = VideoPrefix(engine, tokenizer, max_tokens=200, source="synthetic")  # a few GOPs of 4 steps
+    for chunk in synthetic_chunks(40, size, gop_steps=4, per_step=True):
+        per_step.append(chunk)
+        assert len(per_step) <= 200 and per_step.held[0].keyframes == 1
+    per_gop = VideoPrefix(engine, tokenizer, max_tokens=200, source="synthetic")
+    for chunk in synthetic_chunks(40, size, gop_steps=4):
+        per_gop.append(chunk)
+    assert per_step.evicted == per_gop.evicted and per_step.evicted["gops"] > 0
+    assert np.array_equal(per_step.timestamps, per_gop.timestamps) and per_step.ids == per_gop.ids
+    np.testing.assert_allclose(np.asarray(per_step.cache.keys[0]), np.asarray(per_gop.cache.keys[0]), atol=1e-5)
 
 
 def test_a_fork_that_grows_its_cache_leaves_the_prefix_usable(loaded):
@@ -289,6 +320,47 @@ def test_a_fork_that_grows_its_cache_leaves_the_prefix_usable(loaded):
     prefix.append(next(chunks))
     assert len(prefix) == prefix.header_tokens + 240 == int(prefix.cache.end)
     assert len(fork) == fork.header_tokens + 240 == int(fork.cache.end)
+
+
+def test_growing_an_own_cache_frees_its_old_layers_and_a_shared_one_is_kept(loaded):
+    """Growing copies layer by layer and frees the old arrays (peak: one layer twice, not the whole
+    cache), unless a fork still shares them."""
+    model, tokenizer, _ = loaded
+    prefix = VideoPrefix(Engine(model), tokenizer, source="synthetic")  # 256 slots
+    chunks = synthetic_chunks(40, model.config.vision.image_size)
+    for _ in range(7):
+        prefix.append(next(chunks))
+    shared, fork = prefix.cache, prefix.fork()
+    fork.append(next(chunks))  # grows a copy: the prefix's arrays live on
+    assert not any(k.is_deleted() for k in shared.keys) and fork.cache.length > 256
+    own = fork.cache
+    fork.make_room(fork.cache.length)  # its own cache now: grown in place
+    assert all(k.is_deleted() and v.is_deleted() for k, v in zip(own.keys, own.values))
+    fork.append(next(chunks))
+    assert len(fork) == fork.header_tokens + 270 == int(fork.cache.end)
+
+
+@pytest.mark.parametrize("mode", ["full", "duration"])
+def test_a_live_question_prefills_only_its_time_instruction_and_words(loaded, stream_file, mode):
+    """The steps are in the prefix when a question comes: it prefills its time instruction (LLaVA-
+    Video's or the short one) and its words, and nothing else."""
+    model, tokenizer, settings = loaded
+    settings = dataclasses.replace(settings, time_instruction=mode)
+    source, read = pipe_from(stream_file)
+    live = LiveVideoChat(model, tokenizer, settings, LiveStream(source, settings.preprocessing, 20),
+                         sampling=SamplingConfig(max_new_tokens=2))
+    asked = []
+    outcome = live.run([Question(QUESTION, at=5.0)], lambda q, chat, pieces, lag: asked.append(("".join(pieces), chat)))
+    os.close(read)
+    assert outcome.error is None and outcome.answered == 1
+    chat_ = asked[0][1]
+    prefix = live.prefix  # grown to the end since; the question's fork held the first 5 steps
+    assert (chat_.last.keyframes, chat_.last.p_steps, chat_.last.video_seconds) == (3, 2, 5.0)
+    visual = chat_.last.visual_tokens
+    own = tokenizer.decode(chat_.ids[prefix.header_tokens + visual: chat_.last.prompt_tokens])
+    instruction = prompts.time_instruction(5.0, [0.0, 1.0, 2.0, 3.0, 4.0], mode)
+    assert own == f"\n{instruction}\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    assert ("located at" in own) == (mode == "full")
 
 
 def test_a_video_beyond_the_context_is_refused_with_one_line(cope_dir, stream_file, monkeypatch, capsys):  # noqa: F811
@@ -312,7 +384,7 @@ def test_bounded_and_unbounded_answers_agree_when_the_video_fits(loaded, stream_
         chat_ = VideoChat(model, tokenizer, settings, video=lambda: video, sampling=SamplingConfig(max_new_tokens=6),
                           max_context_tokens=bound)
         answers.append("".join(chat_.ask(QUESTION)))
-        assert chat_.prefix.evicted["chunks"] == 0
+        assert chat_.prefix.evicted["gops"] == 0
     assert answers[0] == answers[1]
 
 

@@ -67,12 +67,12 @@ def test_every_bad_override_is_reported_in_one_run():
 def test_print_config_shows_the_overridden_values_without_a_workdir(tmp_path):
     workdir = tmp_path / "work"
     result = cli(FINETUNE, "--mode=print_config", "--config.batch_size=4", "--config.mesh.data", "2",
-                 "--config.pretrain.total_steps=7", "--noconfig.time_instruction", f"--workdir={workdir}")
+                 "--config.pretrain.total_steps=7", "--config.time_instruction=duration", f"--workdir={workdir}")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == ("# configs/finetune.py:tiny, overridden: batch_size, mesh.data, pretrain.total_steps, "
                         "time_instruction")
-    for line in ["batch_size: 4", "mesh.data: 2", "pretrain.total_steps: 7", "time_instruction: False",
+    for line in ["batch_size: 4", "mesh.data: 2", "pretrain.total_steps: 7", "time_instruction: 'duration'",
                  "stage: 'finetune'", "length_buckets: (256, 384, 512)"]:
         assert line in lines
     assert not workdir.exists()

@@ -9,7 +9,7 @@ from conftest import assert_close
 from flax import nnx
 
 from cope_jax.video import prompt as prompts
-from cope_jax.video.settings import VideoSettings
+from cope_jax.video.settings import VideoInputError, VideoSettings
 from cope_jax.video.stream import Video, plan_video, video_batch
 from cope_jax.video.tokenizer import chatml_tokenizer
 from cope_jax.models.cope.modeling import CoPEConfig, CoPEVideoLM
@@ -181,6 +181,21 @@ def test_time_instruction_is_llava_videos():
     assert prompts.time_instruction(3.0, [0.0, 1.0, 2.0]) == (
         "The video lasts for 3.00 seconds, and 3 frames are uniformly sampled from it. These frames are located at "
         "0.00s,1.00s,2.00s.Please answer the following questions related to this video.")
+
+
+def test_the_duration_time_instruction_leaves_out_the_steps_times_and_none_says_nothing():
+    assert prompts.time_instruction(3.0, [0.0, 1.0, 2.0], "duration") == (
+        "The video lasts for 3.00 seconds, and 3 frames are uniformly sampled from it. "
+        "Please answer the following questions related to this video.")
+    assert prompts.time_instruction(3.0, [0.0, 1.0, 2.0], "none") == ""
+
+
+def test_time_instruction_settings_take_the_modes_and_old_checkpoints_booleans():
+    assert VideoSettings(time_instruction=True).time_instruction == "full"
+    assert VideoSettings.from_dict({"time_instruction": False}).time_instruction == "none"
+    assert VideoSettings().with_switches(time_instruction="duration").time_instruction == "duration"
+    with pytest.raises(VideoInputError, match="time_instruction must be one of full, duration, none, got 'short'"):
+        VideoSettings().with_switches(time_instruction="short")
 
 
 def test_conversation_renders_qwen_1_5_chatml():

@@ -23,6 +23,7 @@ from cope_jax.evaluation.questions import Question, is_correct, prompt_text
 from cope_jax.inference import VideoChat
 from cope_jax.inference.generation import SamplingConfig
 from cope_jax.video.stream import video_from_file, video_from_records
+from cope_jax.video.switches import SWITCHES
 from data_pipeline import records as records_module
 
 PREDICTIONS, RESULTS, SETTINGS = "predictions.jsonl", "results.json", "settings.json"
@@ -166,12 +167,12 @@ def summarise(entries: list[dict]) -> dict:
 PAPER_SWEEP = ("keyframes_per_gop=1", "keyframes_per_gop=2", "keyframes_per_gop=4",
                "keyframes_per_gop=1,delta_mode=zero", "keyframes_per_gop=1,delta_mode=keyframes_only",
                "keyframes_per_gop=1,fusion=15", "keyframes_per_gop=1,fusion=10", "dense_frames=64")
-SWEEP_FIELDS = {"keyframes_per_gop": int, "max_gops": int, "dense_frames": int, "delta_mode": str, "fusion": int}
+SWEEP_FIELDS = {**SWITCHES, "fusion": int}  # the switches, and fusion (H.5: it changes the preprocessing)
 
 
 def parse_sweep(spec: str) -> list[dict]:
     """"paper", or settings separated by ";" each "field=value,field=value" (fields: keyframes_per_gop,
-    delta_mode, dense_frames, max_gops, fusion) -> one dict per setting."""
+    delta_mode, dense_frames, max_gops, time_instruction, fusion) -> one dict per setting."""
     entries = PAPER_SWEEP if spec.strip() == "paper" else [e for e in spec.split(";") if e.strip()]
     settings = []
     for entry in entries:

@@ -1,21 +1,21 @@
 """Asking about a video while it streams.
 
-The video prefix grows one GOP at a time as the stream's GOPs complete. A question due (after `at`
-seconds of video, typed meanwhile, or at the stream's end) forks the prefix, adds the steps of the
-GOP in progress that have arrived, and answers about the video so far; the prefix goes on growing.
-A question therefore costs one partial GOP and its own words, never the video before it.
+The video prefix grows one step at a time as the stream's steps arrive (a keyframe through SigLIP,
+a P step through the Δ-encoder, its tokens prefilled onto the cache). A question due (after `at`
+seconds of video, typed meanwhile, or at the stream's end) forks the prefix and answers about the
+video so far; the prefix goes on growing. A question therefore costs its time instruction and its
+own words, never the video before it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterator
 
 from cope_jax.inference.generation import SamplingConfig
 from cope_jax.inference.prefix import Engine, VideoPrefix
 from cope_jax.inference.session import VideoChat
-from cope_jax.video.live import Event, GopAssembler, LiveStream
+from cope_jax.video.live import Event, LiveStream, StepAssembler
 from cope_jax.video.settings import VideoInputError, VideoSettings
 
 
@@ -56,7 +56,7 @@ class LiveVideoChat:
         self.model, self.tokenizer, self.settings, self.stream = model, tokenizer, settings, stream
         self.sampling, self.max_context_tokens, self.seed = sampling, max_context_tokens, seed
         self.engine = engine or Engine(model)
-        self.assembler = GopAssembler(settings, stream.source)
+        self.assembler = StepAssembler(settings, stream.source)
         self.prefix = VideoPrefix(self.engine, tokenizer, zero_delta=settings.delta_mode == "zero",
                                   max_tokens=max_context_tokens, source=stream.source)
         self.seconds = 0.0
@@ -84,7 +84,7 @@ class LiveVideoChat:
                 self._take(event)
                 while scheduled and scheduled[0].at <= self.seconds + 1e-9:
                     self._ask(scheduled.pop(0), on_answer)
-                while typed and (self.prefix.held or self.assembler.steps):
+                while typed and self.prefix.held:
                     self._ask(typed.pop(0), on_answer)
             for question in scheduled + typed + at_end:
                 self._ask(question, on_answer)
@@ -109,24 +109,7 @@ class LiveVideoChat:
         return max(0.0, stream.last_frame_at - stream.first_frame_at - self.seconds)
 
     def _ask(self, question: Question, on_answer: AnswerCallback) -> None:
-        lag, clock = self.lag(), time.perf_counter()
-        prefix = self.prefix.fork()
-        pending = self.assembler.pending()
-        if pending is not None:
-            prefix.append(pending)  # the GOP in progress, for this question only
         chat = VideoChat(self.model, self.tokenizer, self.settings, sampling=self.sampling, seed=self.seed,
-                         max_context_tokens=self.max_context_tokens, engine=self.engine, prefix=prefix)
-        on_answer(question, chat, _counting_from(clock, chat.ask(question.text), chat), lag)
+                         max_context_tokens=self.max_context_tokens, engine=self.engine, prefix=self.prefix.fork())
+        on_answer(question, chat, chat.ask(question.text), self.lag())
         self.answered += 1
-
-
-def _counting_from(clock: float, pieces: Iterator[str], chat: VideoChat) -> Iterator[str]:
-    """The answer's pieces; its TTFT and E2EL then count from `clock` (the GOP in progress was
-    encoded for the question before `ask` started)."""
-    started = time.perf_counter()
-    try:
-        yield from pieces
-    finally:
-        if chat.turns:
-            chat.last.ttft_s += started - clock
-            chat.last.e2el_s += started - clock

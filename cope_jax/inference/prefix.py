@@ -1,14 +1,14 @@
 """A video prefix in a KV cache: the system turn, the user header and the visual tokens of the video
-so far, grown one chunk (one GOP) at a time.
+so far, grown one chunk at a time (a file's GOP, or a live stream's step as it arrives).
 
 LLaVA-Video's prompt puts the video before the time instruction and the question, so every question
 about a video starts with these tokens: the prefix is built once and each question forks it and
 appends only its own words. A finished file is prefilled chunk by chunk as well, so a video of any
 length needs the working memory of one GOP (its keyframes through SigLIP, its P steps through the
-Δ-encoder, one chunk of activations) beside the cache, and a live stream grows the same prefix as
-its GOPs arrive.
+Δ-encoder, one chunk of activations) beside the cache, and a live stream grows the same prefix one
+step at a time, so a question asked mid-stream finds its video already in the cache.
 
-`max_tokens` bounds the cache: the oldest chunks leave it when the video outgrows it (the system turn
+`max_tokens` bounds the cache: the oldest GOPs leave it when the video outgrows it (the system turn
 and the user header stay; the kept keys keep the RoPE positions they were written with, as streaming
 LLMs do). Without a bound a video beyond the model's context is refused with one line.
 """
@@ -78,16 +78,24 @@ _drop_in_place = jax.jit(_drop_slots, donate_argnums=0)
 _drop_copy = jax.jit(_drop_slots)
 
 
-def grow_cache(cache: KVCache, length: int) -> KVCache:
+def grow_cache(cache: KVCache, length: int, *, release: bool = False) -> KVCache:
     """The same cache with room for `length` slots (new slots empty), in arrays of its own: the
-    grown cache may be donated while the one it came from lives on (a fork's prefix)."""
+    grown cache may be donated while the one it came from lives on (a fork's prefix). `release`
+    (the caller owns `cache` and drops it) frees each layer's old arrays once the layer is copied,
+    so growing holds one layer twice, not the whole cache."""
     extra = length - cache.length
     if extra <= 0:
         return cache
     pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
-    return KVCache(keys=[pad(k) for k in cache.keys], values=[pad(v) for v in cache.values],
-                   key_valid=pad(cache.key_valid), next_position=jnp.array(cache.next_position, copy=True),
-                   end=jnp.array(cache.end, copy=True))
+    keys, values = [], []
+    for old_keys, old_values in zip(cache.keys, cache.values):
+        keys.append(_ready(pad(old_keys)))
+        values.append(_ready(pad(old_values)))
+        if release:
+            old_keys.delete()
+            old_values.delete()
+    return KVCache(keys=keys, values=values, key_valid=pad(cache.key_valid),
+                   next_position=jnp.array(cache.next_position, copy=True), end=jnp.array(cache.end, copy=True))
 
 
 def _ready(x):
@@ -124,6 +132,7 @@ class _Held:
     timestamps: np.ndarray
     keyframes: int
     p_steps: int
+    gop: int
 
 
 class VideoPrefix:
@@ -145,7 +154,7 @@ class VideoPrefix:
         self.seconds = seconds  # the video's duration so far, as the time instruction states it
         self.in_place = True
         self.held: list[_Held] = []
-        self.evicted = {"chunks": 0, "tokens": 0}
+        self.evicted = {"gops": 0, "tokens": 0}
         self.timings = {"primitives_s": 0.0, "vision_s": 0.0, "delta_s": 0.0, "prefill_s": 0.0}
         header = prompts.tokenize(tokenizer, prompts.video_header_pieces(system))
         self.ids, self.is_visual = header.ids.tolist(), [False] * len(header)
@@ -180,10 +189,10 @@ class VideoPrefix:
     def timestamps(self) -> np.ndarray:
         return np.concatenate([h.timestamps for h in self.held]) if self.held else np.zeros(0, np.float32)
 
-    def time_instruction(self) -> str:
-        """LLaVA-Video's time instruction for what the cache holds: the video's duration so far and
-        the timestamps of the steps still in the cache."""
-        return prompts.time_instruction(self.seconds, self.timestamps)
+    def time_instruction(self, mode: str = "full") -> str:
+        """The time instruction for what the cache holds: the video's duration so far and the
+        timestamps of the steps still in the cache."""
+        return prompts.time_instruction(self.seconds, self.timestamps, mode)
 
     # -- growing
 
@@ -202,7 +211,8 @@ class VideoPrefix:
 
     def append(self, chunk: Chunk) -> None:
         """Encodes a chunk (its keyframes in one SigLIP call, its P steps in one Δ-encoder call) and
-        prefills its tokens onto the cache in one call, after making room for them."""
+        prefills its tokens onto the cache in one call, after making room for them (chunks that
+        follow one another in a GOP must be appended in order: a bounded cache evicts by GOP)."""
         if self.tail_tokens:
             raise RuntimeError("a video prefix with text after it takes no more GOPs")  # a bug: tails go on forks
         engine, cfg = self.engine, self.engine.config
@@ -221,7 +231,8 @@ class VideoPrefix:
         p_step_tokens = _ready(_p_step_table(engine.graphdef, engine.state, batch.mv, batch.residual, self.zero_delta))
         self.timings["delta_s"] += time.perf_counter() - clock
         self._prefill(_visual_embeddings(engine.graphdef, engine.state, keyframe_tokens, p_step_tokens, batch.token_source))
-        self.held.append(_Held(tokens, np.asarray(chunk.timestamps, np.float32), chunk.num_keyframes, chunk.num_p_steps))
+        self.held.append(_Held(tokens, np.asarray(chunk.timestamps, np.float32), chunk.num_keyframes, chunk.num_p_steps,
+                               chunk.gop))
         self.ids += [0] * tokens
         self.is_visual += [True] * tokens
 
@@ -247,7 +258,7 @@ class VideoPrefix:
         needed = len(self) + tokens
         if needed > self.cache.length:
             length = min(max(round_up(needed, CACHE_BLOCK), 2 * self.cache.length), self._largest_cache())
-            self.cache = grow_cache(self.cache, length)
+            self.cache = grow_cache(self.cache, length, release=self.in_place)  # in place: no fork holds it
             self.in_place = True
 
     def _largest_cache(self) -> int:
@@ -268,17 +279,21 @@ class VideoPrefix:
             raise VideoInputError(self._refusal(visual_tokens))
 
     def evict_oldest(self) -> None:
-        """The oldest chunk leaves the cache; later slots move down, keeping their positions."""
+        """The oldest GOP leaves the cache (all its chunks, in one gather); later slots move down,
+        keeping their positions."""
         if self.tail_tokens:
             raise RuntimeError("evict from the video prefix, not from one with text after it")  # a bug
-        oldest = self.held.pop(0)
+        gop = self.held[0].gop
+        count = next((i for i, h in enumerate(self.held) if h.gop != gop), len(self.held))
+        tokens = sum(h.tokens for h in self.held[:count])
+        del self.held[:count]
         drop = _drop_in_place if self.in_place else _drop_copy
-        self.cache = drop(self.cache, self.header_tokens, oldest.tokens)
+        self.cache = drop(self.cache, self.header_tokens, tokens)
         self.in_place = True
-        del self.ids[self.header_tokens: self.header_tokens + oldest.tokens]
-        del self.is_visual[self.header_tokens: self.header_tokens + oldest.tokens]
-        self.evicted["chunks"] += 1
-        self.evicted["tokens"] += oldest.tokens
+        del self.ids[self.header_tokens: self.header_tokens + tokens]
+        del self.is_visual[self.header_tokens: self.header_tokens + tokens]
+        self.evicted["gops"] += 1
+        self.evicted["tokens"] += tokens
 
     def fork(self) -> "VideoPrefix":
         """An independent prefix sharing this one's arrays (neither updates them in place until it

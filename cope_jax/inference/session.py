@@ -258,7 +258,7 @@ class VideoChat:
     # -- prompts
 
     def _preamble(self, prefix: VideoPrefix) -> str:
-        return prefix.time_instruction() if self.settings.time_instruction else ""
+        return prefix.time_instruction(self.settings.time_instruction)
 
     def _first_prompt(self, question: str, preamble: str, visual_tokens: int) -> prompts.TokenizedPrompt:
         pieces = prompts.conversation_pieces([("human", question)], preamble, system=self.system, add_generation_prompt=True)

@@ -211,7 +211,7 @@ class InstructSource(grain.RandomAccessDataSource):
         settings = dataclasses.replace(self.settings, max_gops=max_gops)
         plan = plan_video(video, settings)
         visual = plan.tokens(self.tokens_per_keyframe, self.tokens_per_p_step)
-        preamble = prompt.time_instruction(plan.duration, plan.timestamps) if settings.time_instruction else ""
+        preamble = prompt.time_instruction(plan.duration, plan.timestamps, settings.time_instruction)
         pieces = prompt.conversation_pieces(conversation_turns(row), preamble)
         return plan, prompt.tokenize(self.tokenizer, pieces, visual), visual
 

@@ -1,10 +1,10 @@
-"""A video arriving as a stream -> its steps as they come, GOP by GOP, by preprocessing's own code.
+"""A video arriving as a stream -> its steps as they come, by preprocessing's own code.
 
 A thread runs the chain preprocessing runs on a file (decode, resample to fps, canonical mpeg4
 re-encode with motion vectors, a step every `fusion` frames) on frames as they arrive. The canonical
-stream starts a GOP every `gop` frames and codes it from that GOP's frames alone, and a GOP's steps
-are stored as a record and read back exactly as a file's are, so a live GOP's primitives equal the
-finished file's (tests/test_live.py).
+stream starts a GOP every `gop` frames and codes it from that GOP's frames alone, and each step is
+stored as a record (with the step before it) and read back exactly as a file's record is, so a live
+step's primitives equal the finished file's (tests/test_live.py).
 
 Sources: `-` (standard input: MPEG-TS, Matroska or anything FFmpeg detects), any URL FFmpeg opens
 as a stream (udp://, tcp://, rtsp://, http://, srt://) or a file still being written (read as it
@@ -126,34 +126,28 @@ class LiveStream:
                 return
 
 
-class GopAssembler:
-    """Steps in arrival order -> Chunks: a GOP's chunk once it is complete (`add` returns it), and
-    the part that has arrived of the GOP in progress (`pending`), for a question asked mid-GOP."""
+class StepAssembler:
+    """Steps in arrival order -> one Chunk per step the LLM reads, as soon as it arrives: its role
+    (keyframe or P step) is its place in the GOP's plan, and its primitives are read back from a
+    record of it and the GOP's step before it (a P step's residual is taken against that step's
+    stored frame), exactly as a file's record is read."""
 
     def __init__(self, settings: VideoSettings, source: str):
         self.settings, self.source = settings, source
-        self.steps_per_gop = settings.preprocessing.gop // settings.preprocessing.fusion
         self.meta = preprocess.record_meta("live", source, settings.preprocessing)
-        self.steps: list[codec.Step] = []
+        self.steps: list[codec.Step] = []  # the GOP in progress
 
     def add(self, step: codec.Step) -> Chunk | None:
+        """The step as a one-step Chunk, or None when the plan does not read it (keyframes_only)."""
         if step.is_gop_start:
             self.steps = []
         self.steps.append(step)
-        if len(self.steps) == self.steps_per_gop:
-            chunk, self.steps = self._chunk(self.steps), []
-            return chunk
-        return None
-
-    def pending(self) -> Chunk | None:
-        return self._chunk(self.steps) if self.steps else None
-
-    def _chunk(self, steps: list[codec.Step]) -> Chunk:
-        """The GOP's steps as a record, read back as a file's record is read: the planned steps'
-        RGB, fused motion and residual (derived from the stored frames)."""
+        within, is_keyframe = gop_plan(len(self.steps), self.settings)  # a GOP's plan never changes a step's role
+        if not within.size or within[-1] != len(self.steps) - 1:
+            return None
         pre = self.settings.preprocessing
-        data = records.encode(self.meta, steps, pre.jpeg_qscale)
-        within, is_keyframe = gop_plan(len(steps), self.settings)
-        step_index = (np.asarray([s.frame_index for s in steps], np.int64)[within] // pre.fusion).astype(np.int32)
-        return Chunk(step_index, is_keyframe, sampler.step_seconds(step_index, pre.fusion, pre.fps),
-                     records.decode(data, within))
+        window = self.steps[-2:]
+        data = records.encode(self.meta, window, pre.jpeg_qscale)
+        step_index = np.asarray([step.frame_index // pre.fusion], np.int32)
+        return Chunk(step_index, is_keyframe[-1:], sampler.step_seconds(step_index, pre.fusion, pre.fps),
+                     records.decode(data, [len(window) - 1]), gop=step.frame_index // pre.gop)

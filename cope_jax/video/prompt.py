@@ -38,11 +38,14 @@ class Piece:
         return self.text == IMAGE_PLACEHOLDER
 
 
-def time_instruction(duration: float, timestamps: Sequence[float]) -> str:
-    """LLaVA-Video's time instruction; `timestamps` are every sampled step's (keyframes and P steps)."""
-    times = ",".join(f"{t:.2f}s" for t in timestamps)
+def time_instruction(duration: float, timestamps: Sequence[float], mode: str = "full") -> str:
+    """The preamble after the video (`switches.TIME_INSTRUCTIONS`): "full" is LLaVA-Video's, with
+    every sampled step's timestamp (keyframes and P steps); "duration" leaves the list out; "none" is ""."""
+    if mode == "none":
+        return ""
+    located = "These frames are located at " + ",".join(f"{t:.2f}s" for t in timestamps) + "." if mode == "full" else ""
     return (f"The video lasts for {duration:.2f} seconds, and {len(timestamps)} frames are uniformly sampled from it. "
-            f"These frames are located at {times}.Please answer the following questions related to this video.")
+            f"{located}Please answer the following questions related to this video.")
 
 
 def system_pieces(system: str = SYSTEM_PROMPT) -> list[Piece]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from cope_jax.errors import UserError
-from cope_jax.video.switches import DELTA_MODES
+from cope_jax.video.switches import DELTA_MODES, TIME_INSTRUCTIONS
 from data_pipeline import codec
 
 _PREPROCESSING_FIELDS = tuple(f.name for f in dataclasses.fields(codec.Settings))
@@ -28,11 +28,13 @@ class VideoSettings:
     max_gops: int = 64  # longer videos: uniform GOP sampling (paper §4.1, "Frame Sampling")
     delta_mode: str = "cope"  # one of switches.DELTA_MODES
     dense_frames: int = 0  # > 0: the LLaVA-Video baseline, N frames uniformly, all keyframes
-    time_instruction: bool = True  # LLaVA-Video's "The video lasts for ..." preamble
+    time_instruction: str = "full"  # one of switches.TIME_INSTRUCTIONS (LLaVA-Video's preamble: "full")
 
     def __post_init__(self):
         if isinstance(self.preprocessing, dict):
             object.__setattr__(self, "preprocessing", codec.Settings(**self.preprocessing))
+        if isinstance(self.time_instruction, bool):  # checkpoints and configs before the modes: on / off
+            object.__setattr__(self, "time_instruction", "full" if self.time_instruction else "none")
 
     def problems(self) -> list[str]:
         problems = []
@@ -48,6 +50,8 @@ class VideoSettings:
             problems.append(f"max_gops must be >= 1, got {self.max_gops}")
         if self.delta_mode not in DELTA_MODES:
             problems.append(f"delta_mode must be one of {', '.join(DELTA_MODES)}, got {self.delta_mode!r}")
+        if self.time_instruction not in TIME_INSTRUCTIONS:
+            problems.append(f"time_instruction must be one of {', '.join(TIME_INSTRUCTIONS)}, got {self.time_instruction!r}")
         if self.dense_frames < 0:
             problems.append(f"dense_frames must be >= 0, got {self.dense_frames}")
         return problems

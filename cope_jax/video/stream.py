@@ -95,11 +95,12 @@ def plan_video(video: Video, settings: VideoSettings) -> VideoPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Chunk(sampler.StepPlan):
-    """What a video prefix grows by: the planned steps of one GOP (or of the part of a GOP that has
-    arrived, in a live stream) with their primitives. `video_batch` takes it as a one-video plan."""
+    """What a video prefix grows by: the planned steps of one GOP (a file's), or one step as it
+    arrives (a live stream's), with their primitives. `video_batch` takes it as a one-video plan."""
 
     timestamps: np.ndarray = None  # float32 [S], seconds from the video's start
     primitives: dict = None  # records.decode dict of these steps, in order (rgb, mv, residual)
+    gop: int = 0  # the GOP they belong to: a bounded cache lets whole GOPs go
 
 
 def plan_chunks(video: Video, plan: VideoPlan) -> Iterator[Chunk]:
@@ -109,7 +110,7 @@ def plan_chunks(video: Video, plan: VideoPlan) -> Iterator[Chunk]:
     gops = gop_of_step[plan.steps]
     for gop in dict.fromkeys(gops.tolist()):
         pick = gops == gop
-        yield Chunk(plan.steps[pick], plan.is_keyframe[pick], plan.timestamps[pick], video.read(plan.steps[pick]))
+        yield Chunk(plan.steps[pick], plan.is_keyframe[pick], plan.timestamps[pick], video.read(plan.steps[pick]), gop)
 
 
 def gop_plan(num_steps: int, settings: VideoSettings) -> tuple[np.ndarray, np.ndarray]:

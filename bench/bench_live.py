@@ -583,7 +583,7 @@ def child_memory(args) -> dict:
 def live_tables(m: dict) -> str:
     c, rows = m["codec"], [m["live_first"], m["live"]]
     lines = ["| run | video (s) | ingestion wall (s) | **× real time** | model: batch / SigLIP / Δ / prefill (s) | model (s) "
-             "| model alone × real time | GOP assembly (s) | waiting for the stream (s) | cache tokens | process CPU (s) "
+             "| model alone × real time | step assembly (s) | waiting for the stream (s) | cache tokens | process CPU (s) "
              "| XLA compiling (s) | load average after |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["timings"]
@@ -678,9 +678,9 @@ def memory_table(rows: list[dict]) -> str:
         a, b = ok[0], ok[-1]
         lines += ["", f"From {a['minutes']:g} to {b['minutes']:g} min: cache ×{b['cache_bytes'] / a['cache_bytes']:.1f} "
                   f"(GOPs ×{b['gops'] / a['gops']:.1f}), working memory {g(a['working_bytes'])} → {g(b['working_bytes'])} MiB "
-                  f"({(b['working_bytes'] - a['working_bytes']) / 2**20:+,.0f}). A partial last GOP is not ingested "
-                  "(no question asks for it). The cache is allocated in doubling steps, so its bytes follow the slots, "
-                  "not the tokens; growing it holds the old and the new cache for a moment (`prefix.grow_cache`)."]
+                  f"({(b['working_bytes'] - a['working_bytes']) / 2**20:+,.0f}). The cache is allocated in doubling steps, so its "
+                  "bytes follow the slots, not the tokens; growing it copies one layer at a time and frees the old "
+                  "layer (`prefix.grow_cache`)."]
     return "\n".join(lines)
 
 

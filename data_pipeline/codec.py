@@ -162,7 +162,7 @@ def _resampled(container, path: str, settings: Settings, fps: Fraction, errors: 
     scaler = VideoReformatter()
     emitted = 0
     try:
-        for frame in container.decode(stream):
+        for frame in _decoded(container, stream, growing):
             if error := errors.first_new():
                 raise _stream_error(error, pending_time)
             if frame.pts is None:
@@ -177,9 +177,7 @@ def _resampled(container, path: str, settings: Settings, fps: Fraction, errors: 
                 emitted += 1
             pending, pending_time = _upright(frame, settings.size, scaler), time
     except av.error.FFmpegError as e:
-        # A file followed as it grows ends when no data came for its rw_timeout: FFmpeg says EIO.
-        if not (growing and getattr(e, "errno", None) == errno.EIO):
-            raise VideoError(f"undecodable after {emitted} frames: {errors.first_new() or _reason(e)}") from None
+        raise VideoError(f"undecodable after {emitted} frames: {errors.first_new() or _reason(e)}") from None
     if error := errors.first_new():
         raise _stream_error(error, pending_time)
     if pending is None:
@@ -189,6 +187,18 @@ def _resampled(container, path: str, settings: Settings, fps: Fraction, errors: 
     while Fraction(emitted) / fps < end:
         yield float(Fraction(emitted) / fps), pending
         emitted += 1
+
+
+def _decoded(container, stream, growing: bool) -> Iterator[av.VideoFrame]:
+    """The stream's frames in presentation order. A file followed as it grows ends when no data came
+    for its rw_timeout (FFmpeg says EIO); the decoder then still holds the frames it was reordering
+    (B-frames), which a flush gives back."""
+    try:
+        yield from container.decode(stream)
+    except av.error.FFmpegError as e:
+        if not (growing and getattr(e, "errno", None) == errno.EIO):
+            raise
+        yield from stream.codec_context.decode(None)
 
 
 def _stream_error(message: str, at) -> VideoError:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +20,10 @@ from cope_jax.inference.generation import SamplingConfig, generate_from_embeddin
 from cope_jax.inference.live import LiveVideoChat, Question
 from cope_jax.inference.prefix import Engine, VideoPrefix
 from cope_jax.video import prompt as prompts
-from cope_jax.video.live import LiveStream, StepAssembler
+from cope_jax.video.live import LiveStream, StepAssembler, open_options
 from cope_jax.video.settings import VideoInputError
 from cope_jax.video.stream import Chunk, plan_chunks, plan_video, video_batch, video_from_file
-from data_pipeline import synthetic
+from data_pipeline import codec, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What happens in the video?"
@@ -157,6 +158,36 @@ def test_a_udp_stream_ends_by_silence(loaded):
     sender.join()
     assert events[-1].kind == "end" and "taken as the stream's end" in events[-1].message
     assert [e.step.frame_index for e in events if e.kind == "step"] == [0, 30, 60]
+
+
+def test_a_growing_file_is_read_to_its_last_frame(tmp_path):
+    """A file still being written (by an encoder with B-frames) is followed as it grows; when no
+    data came for the timeout it ends, and the frames the decoder held for reordering still come."""
+    import av
+
+    path, frames = str(tmp_path / "recording.ts"), synthetic.moving_square(90, 112, 28, 1.5, 0.75)
+    open(path, "wb").close()
+
+    def record():  # real time, 3 B-frames
+        with av.open(path, "w", format="mpegts", options={"flush_packets": "1"}) as container:
+            stream = container.add_stream("libx264", rate=30)
+            stream.width = stream.height = 112
+            stream.options = {"bf": "3", "x264-params": "keyint=60"}
+            started = time.perf_counter()
+            for i, rgb in enumerate(frames):
+                time.sleep(max(0.0, started + i / 30 - time.perf_counter()))
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+    recorder = threading.Thread(target=record)
+    recorder.start()
+    settings = codec.Settings(size=112, gop=60)
+    url, options = open_options(path, stall_seconds=2)
+    read = len(list(codec.source_frames(url, settings, options)))
+    recorder.join()
+    assert read == len(list(codec.source_frames(path, settings))) == 90
 
 
 def run_chat(capsys, *args):

@@ -16,6 +16,7 @@ LLMs do). Without a bound a video beyond the model's context is refused with one
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import functools
 import time
@@ -94,8 +95,29 @@ def grow_cache(cache: KVCache, length: int, *, release: bool = False) -> KVCache
         if release:
             old_keys.delete()
             old_values.delete()
+    if release:
+        return_freed_host_memory()
     return KVCache(keys=keys, values=values, key_valid=pad(cache.key_valid),
                    next_position=jnp.array(cache.next_position, copy=True), end=jnp.array(cache.end, copy=True))
+
+
+def return_freed_host_memory() -> None:
+    """Gives the pages of freed host buffers back to the OS. On a CPU backend the cache lives in
+    glibc's heap, which keeps freed blocks resident (its mmap threshold rises with the large
+    buffers it frees), so each growth would leave the old cache's pages in the process for good."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _ready(x):

@@ -95,10 +95,10 @@ from cope_jax.models.qwen2.modeling import KVCache  # noqa: E402
 from cope_jax.serving.http import make_server  # noqa: E402
 from cope_jax.serving.service import MediaPolicy, Service  # noqa: E402
 from cope_jax.video import prompt as prompts  # noqa: E402
-from cope_jax.video.switches import TIME_INSTRUCTIONS  # noqa: E402
 from cope_jax.video.live import LiveStream, StepAssembler  # noqa: E402
 from cope_jax.video.settings import VideoSettings  # noqa: E402
 from cope_jax.video.stream import video_from_file  # noqa: E402
+from cope_jax.video.switches import TIME_INSTRUCTIONS  # noqa: E402
 from cope_jax.video.tokenizer import chatml_tokenizer  # noqa: E402
 from data_pipeline import codec, synthetic  # noqa: E402
 
@@ -735,6 +735,7 @@ def parse_args(argv=None):
     p.add_argument("--minutes-child", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
+    args.time_instruction = list(dict.fromkeys(args.time_instruction))  # each mode once
     if args.ask_at is None:
         args.ask_at = max(1.0, args.seconds - GOP_SECONDS / 2)
     if args.seconds <= 0 or not 0 < args.ask_at <= args.seconds or any(m <= 0 for m in args.minutes):

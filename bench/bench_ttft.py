@@ -174,7 +174,7 @@ def prompt_length(tokenizer, video: Video, settings: VideoSettings, config: CoPE
     """(keyframes, P steps, visual tokens, prompt tokens) exactly as VideoChat builds the first turn."""
     plan = plan_video(video, settings)
     visual = plan.num_keyframes * config.tokens_per_keyframe + plan.num_p_steps * config.tokens_per_p_step
-    preamble = prompts.time_instruction(plan.duration, plan.timestamps) if settings.time_instruction else ""
+    preamble = prompts.time_instruction(plan.duration, plan.timestamps, settings.time_instruction)
     pieces = prompts.conversation_pieces([("human", QUESTION)], preamble, add_generation_prompt=True)
     return plan.num_keyframes, plan.num_p_steps, visual, len(prompts.tokenize(tokenizer, pieces, visual))
 
@@ -320,7 +320,7 @@ def part_flops(args, tokenizer) -> dict:
         analytic = analytic_prefill(config.text, prompt)
         prefill_causal = prefill_xla - analytic["attention_full"] + analytic["attention_causal"]
         # The same without LLaVA-Video's time instruction (64 timestamps are most of the text).
-        short = prompt_length(tokenizer, video, dataclasses.replace(setup.settings(size), time_instruction=False), config)[3]
+        short = prompt_length(tokenizer, video, dataclasses.replace(setup.settings(size), time_instruction="none"), config)[3]
         short_xla, _ = lowered_flops(prefill, lm_state, spec((1, short, config.text.hidden_size), jnp.float32))
         short_analytic = analytic_prefill(config.text, short)
         short_causal = short_xla - short_analytic["attention_full"] + short_analytic["attention_causal"]
@@ -429,7 +429,7 @@ def part_target(args, tokenizer) -> dict:
     long_video = None
     if args.video_hours:
         # LLaVA-Video's time instruction lists every sampled timestamp (28,800 for 8 hours): left out here.
-        settings = dataclasses.replace(Setup(1, 0).settings(size), max_gops=10**9, time_instruction=False)
+        settings = dataclasses.replace(Setup(1, 0).settings(size), max_gops=10**9, time_instruction="none")
         keyframes, p_steps, visual, prompt = prompt_length(tokenizer, planned_video(args.video_hours * 3600, size), settings,
                                                            config)
         chunks = -(-prompt // args.chunk_tokens)

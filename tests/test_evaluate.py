@@ -116,6 +116,12 @@ def test_a_rerun_resumes_and_other_settings_are_refused(loaded, videos, tmp_path
     assert sorted(ids) == ["q1", "q2", "q3", "q4", "q5"] and results["count"] == 3
     import dataclasses
 
+    described = json.load(open(os.path.join(output, "settings.json")))
+    with open(os.path.join(output, "settings.json"), "w") as f:  # as outputs before the time-instruction modes said it
+        json.dump(dict(described, time_instruction=True), f)
+    benchmark.evaluate(model, tokenizer, settings, questions, videos, output, max_new_tokens=4, progress=False)
+    assert open(os.path.join(output, "predictions.jsonl")).read() == lines  # resumed: nothing asked again
+
     with pytest.raises(UserError, match="other settings .*delta_mode"):
         benchmark.evaluate(model, tokenizer, dataclasses.replace(settings, delta_mode="zero"), questions, videos, output,
                           max_new_tokens=4, progress=False)

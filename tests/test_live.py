@@ -335,6 +335,12 @@ def test_a_bounded_live_prefix_lets_whole_gops_go(loaded):
     assert per_step.evicted == per_gop.evicted and per_step.evicted["gops"] > 0
     assert np.array_equal(per_step.timestamps, per_gop.timestamps) and per_step.ids == per_gop.ids
     np.testing.assert_allclose(np.asarray(per_step.cache.keys[0]), np.asarray(per_gop.cache.keys[0]), atol=1e-5)
+    gop_tokens = per_gop.visual_tokens // len(per_gop.held)
+    too_small = VideoPrefix(engine, tokenizer, max_tokens=per_gop.header_tokens + gop_tokens - 1, source="synthetic")
+    with pytest.raises(VideoInputError, match="cannot hold .* raise it"):  # never a P step without its keyframe
+        for chunk in synthetic_chunks(8, size, gop_steps=4, per_step=True):
+            too_small.append(chunk)
+    assert too_small.held[0].keyframes == 1 and too_small.evicted["gops"] == 0
 
 
 def test_a_fork_that_grows_its_cache_leaves_the_prefix_usable(loaded):

@@ -188,6 +188,8 @@ def test_the_duration_time_instruction_leaves_out_the_steps_times_and_none_says_
         "The video lasts for 3.00 seconds, and 3 frames are uniformly sampled from it. "
         "Please answer the following questions related to this video.")
     assert prompts.time_instruction(3.0, [0.0, 1.0, 2.0], "none") == ""
+    with pytest.raises(ValueError, match="one of full, duration, none, got 'short'"):
+        prompts.time_instruction(3.0, [0.0], "short")
 
 
 def test_time_instruction_settings_take_the_modes_and_old_checkpoints_booleans():

@@ -22,6 +22,7 @@ from cope_jax.errors import UserError
 from cope_jax.evaluation.questions import Question, is_correct, prompt_text
 from cope_jax.inference import VideoChat
 from cope_jax.inference.generation import SamplingConfig
+from cope_jax.video.settings import VideoSettings
 from cope_jax.video.stream import video_from_file, video_from_records
 from cope_jax.video.switches import SWITCHES
 from data_pipeline import records as records_module
@@ -62,6 +63,7 @@ def _check_settings(output: str, described: dict) -> None:
     path = os.path.join(output, SETTINGS)
     if os.path.exists(path):
         earlier = json.load(open(path))
+        earlier.update(VideoSettings.from_dict(earlier).to_dict())  # older outputs' spellings (time_instruction: true)
         if earlier != described:
             changed = sorted(k for k in set(earlier) | set(described) if earlier.get(k) != described.get(k))
             raise UserError(f"--output {output}: holds predictions made with other settings ({', '.join(changed)}); "

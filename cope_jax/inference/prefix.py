@@ -236,7 +236,7 @@ class VideoPrefix:
         prefills its tokens onto the cache in one call, after making room for them (chunks that
         follow one another in a GOP must be appended in order: a bounded cache evicts by GOP)."""
         if self.tail_tokens:
-            raise RuntimeError("a video prefix with text after it takes no more GOPs")  # a bug: tails go on forks
+            raise RuntimeError("a video prefix with text after it takes no more video")  # a bug: tails go on forks
         engine, cfg = self.engine, self.engine.config
         clock = time.perf_counter()
         size = chunk.primitives["rgb"].shape[1]
@@ -245,7 +245,7 @@ class VideoPrefix:
         self.timings["primitives_s"] += time.perf_counter() - clock
         if tokens == 0:
             return
-        self.make_room(tokens)
+        self.make_room(tokens, keep_gop=chunk.gop)
         clock = time.perf_counter()
         keyframe_tokens = _ready(_keyframe_table(engine.graphdef, engine.state, batch.keyframes))
         self.timings["vision_s"] += time.perf_counter() - clock
@@ -270,10 +270,11 @@ class VideoPrefix:
         """Whether `tokens` more fit under the bound (or the model's context) without evicting."""
         return len(self) + tokens <= (self.max_tokens or self.engine.context)
 
-    def make_room(self, tokens: int) -> None:
-        """Room for `tokens` more slots: the oldest chunks leave a bounded cache; an unbounded one
-        grows (at least doubling), and a video beyond the model's context is refused."""
-        while self.max_tokens and not self.fits(tokens) and self.held:
+    def make_room(self, tokens: int, keep_gop: int | None = None) -> None:
+        """Room for `tokens` more slots: the oldest GOPs leave a bounded cache (never `keep_gop`,
+        the GOP a step joins: its P steps need its keyframe, so a bound below one GOP is refused);
+        an unbounded cache grows (at least doubling), and a video beyond the model's context is refused."""
+        while self.max_tokens and not self.fits(tokens) and self.held and self.held[0].gop != keep_gop:
             self.evict_oldest()
         if not self.fits(tokens):
             raise VideoInputError(self._refusal(tokens))

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cope_jax.video.switches import TIME_INSTRUCTIONS
+
 SYSTEM_PROMPT = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -41,6 +43,8 @@ class Piece:
 def time_instruction(duration: float, timestamps: Sequence[float], mode: str = "full") -> str:
     """The preamble after the video (`switches.TIME_INSTRUCTIONS`): "full" is LLaVA-Video's, with
     every sampled step's timestamp (keyframes and P steps); "duration" leaves the list out; "none" is ""."""
+    if mode not in TIME_INSTRUCTIONS:
+        raise ValueError(f"time instruction mode must be one of {', '.join(TIME_INSTRUCTIONS)}, got {mode!r}")
     if mode == "none":
         return ""
     located = "These frames are located at " + ",".join(f"{t:.2f}s" for t in timestamps) + "." if mode == "full" else ""

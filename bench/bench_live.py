@@ -48,9 +48,9 @@ MPEG-TS file before any timing (frames made one at a time, so an hour costs no m
     after the first GOP, whose compiles are shown apart), the KV cache bytes (`prefix.nbytes()`, the
     allocated cache) and peak - cache = working memory (the model's weights included; the RSS before
     ingesting is shown). Expected: working memory flat, cache linear. Progress goes to stderr. The
-    60-minute run is long on a 2-core CPU (108k frames to preprocess, 450 GOPs whose prefill attends
-    to a cache of up to 126k tokens: 2-3 hours by estimate) and needs roughly 8-10 GiB (3.2 GiB of
-    cache at 131,072 slots, held twice while it grows).
+    60-minute run is long on a 2-core CPU with the 24-layer LLM (108k frames to preprocess, 450 GOPs
+    whose prefill attends to a cache of up to 126k tokens: hours) and needs roughly 7 GiB (3 GiB of
+    cache at 131,072 slots); with --llm-layers 2 it took 54 minutes here, beside other work.
 
 Every part runs the measured work in a subprocess of its own (the parent prints the tables), so the
 parent never holds a model and each RSS is its own. Timings on a shared 2-core machine vary by 2x

@@ -25,8 +25,8 @@ still seen.
 Live (--live): SRC is `-` (a stream on standard input: MPEG-TS, Matroska, ...), any URL FFmpeg
 opens as a stream (udp://, tcp://, rtsp://, http://, srt://) or a file still being written.
 The video is preprocessed step by step as it arrives, with the checkpoint's settings; every step
-joins the cached prefix, so a question prefills only its time instruction and words. `--question Q --at S` (repeatable) asks when S seconds of video have
-arrived; a --question without --at, or one whose time never comes, is asked when the stream ends.
+joins the cached prefix, so a question prefills only its time instruction and words.
+`--question Q --at S` (repeatable) asks when S seconds of video have arrived; a --question without --at, or one whose time never comes, is asked when the stream ends.
 Without --question, type questions while it plays (from the terminal when the video is on
 standard input). Each answer covers the video up to its question; --json prints one object per
 answer with "video_seconds" (video seen when asked) and "lag_s" (how far reading was behind the

@@ -39,7 +39,8 @@ Content is a string or a list of {"type": "text"} / {"type": "video_url"} parts.
 Request fields: max_tokens or max_completion_tokens (default 256), temperature (default 0 =
 greedy), top_p, seed (default 0), stream, and how the video is read (default: the checkpoint's,
 docs/architecture.md §7): keyframes_per_gop, delta_mode (cope | zero | keyframes_only),
-dense_frames, max_gops, time_instruction (full | duration | none). Any other field is refused, so a misspelt switch never goes unnoticed.
+dense_frames, max_gops, time_instruction (full | duration | none). Any other field is refused, so
+a misspelt switch never goes unnoticed.
 The reply's usage adds to OpenAI's token counts: visual_tokens, keyframes, p_steps, prefix_reused
 (whether the video's prefix came from the cache), and ttft_s,
 e2el_s, queue_s (seconds from the request's arrival to the first and the last token, and the part

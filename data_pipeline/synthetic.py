@@ -153,16 +153,19 @@ def motion_questions(directory: str, count: int, size: int = 64, seconds: float 
     return rows
 
 
-def stream_mpegts(output, frames, fps: int = 30, gop: int = 60, realtime: bool = True) -> None:
+def stream_mpegts(output, frames, fps: int = 30, gop: int = 60, realtime: bool = True,
+                  b_frames: int = 0) -> None:
     """Writes frames as an H.264 MPEG-TS stream to `output` (a path or a binary file object), as a
-    live encoder does: zero-latency x264, packets flushed as they are made and, with `realtime`,
-    frame i not before i / fps seconds after the first."""
+    live encoder does: packets flushed as they are made and, with `realtime`, frame i not before
+    i / fps seconds after the first. x264 runs zero-latency, or with `b_frames` B-frames (as a
+    recorder does: the decoder then holds frames back to reorder them)."""
     with av.open(output, "w", format="mpegts", options={"flush_packets": "1"}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"tune": "zerolatency", "x264-params": f"mbtree=0:keyint={gop}"}
+        stream.options = ({"bf": str(b_frames), "x264-params": f"keyint={gop}"} if b_frames
+                          else {"tune": "zerolatency", "x264-params": f"mbtree=0:keyint={gop}"})
         started = time.perf_counter()
         for i, rgb in enumerate(frames):
             if realtime:

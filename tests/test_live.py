@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -163,25 +162,9 @@ def test_a_udp_stream_ends_by_silence(loaded):
 def test_a_growing_file_is_read_to_its_last_frame(tmp_path):
     """A file still being written (by an encoder with B-frames) is followed as it grows; when no
     data came for the timeout it ends, and the frames the decoder held for reordering still come."""
-    import av
-
     path, frames = str(tmp_path / "recording.ts"), synthetic.moving_square(90, 112, 28, 1.5, 0.75)
     open(path, "wb").close()
-
-    def record():  # real time, 3 B-frames
-        with av.open(path, "w", format="mpegts", options={"flush_packets": "1"}) as container:
-            stream = container.add_stream("libx264", rate=30)
-            stream.width = stream.height = 112
-            stream.options = {"bf": "3", "x264-params": "keyint=60"}
-            started = time.perf_counter()
-            for i, rgb in enumerate(frames):
-                time.sleep(max(0.0, started + i / 30 - time.perf_counter()))
-                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-
-    recorder = threading.Thread(target=record)
+    recorder = threading.Thread(target=synthetic.stream_mpegts, args=(path, frames), kwargs={"b_frames": 3})
     recorder.start()
     settings = codec.Settings(size=112, gop=60)
     url, options = open_options(path, stall_seconds=2)

@@ -7,7 +7,8 @@
     chat = inference.VideoChat(model, tokenizer, settings, video=lambda: video)
     print("".join(chat.ask("What happens in the video?")), chat.last)
 
-- `prefix`: `VideoPrefix`, the video's tokens in a KV cache, grown a GOP (a file's) or a step (a stream's) at a time, bounded or not;
+- `prefix`: `VideoPrefix`, the video's tokens in a KV cache, grown a GOP (a file's) or a step (a
+  stream's) at a time, bounded or not;
 - `session`: `VideoChat`, multi-turn generation over one KV cache with streaming and timings;
 - `live`: `LiveVideoChat`, questions about a stream answered while it plays;
 - `generation`: prefill, decode steps and sampling over the LLM's KV cache.

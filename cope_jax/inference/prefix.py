@@ -88,36 +88,32 @@ def grow_cache(cache: KVCache, length: int, *, release: bool = False) -> KVCache
     if extra <= 0:
         return cache
     pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
-    keys, values = [], []
-    for old_keys, old_values in zip(cache.keys, cache.values):
-        keys.append(_ready(pad(old_keys)))
-        values.append(_ready(pad(old_values)))
-        if release:
-            old_keys.delete()
-            old_values.delete()
-    if release:
-        return_freed_host_memory()
-    return KVCache(keys=keys, values=values, key_valid=pad(cache.key_valid),
-                   next_position=jnp.array(cache.next_position, copy=True), end=jnp.array(cache.end, copy=True))
+
+    def grown(x):
+        bigger = pad(x)
+        if release:  # the copy first, then the old array goes: one layer held twice at most
+            _ready(bigger)
+            x.delete()
+        return bigger
+
+    grown_cache = KVCache(keys=[grown(k) for k in cache.keys], values=[grown(v) for v in cache.values],
+                          key_valid=pad(cache.key_valid), next_position=jnp.array(cache.next_position, copy=True),
+                          end=jnp.array(cache.end, copy=True))
+    if release and (trim := _malloc_trim()) is not None:
+        # On a CPU backend the cache lives in glibc's heap, which keeps freed blocks resident (its
+        # mmap threshold rises with the large buffers it frees): without this each growth would
+        # leave the old cache's pages in the process for good.
+        trim(0)
+    return grown_cache
 
 
-def return_freed_host_memory() -> None:
-    """Gives the pages of freed host buffers back to the OS. On a CPU backend the cache lives in
-    glibc's heap, which keeps freed blocks resident (its mmap threshold rises with the large
-    buffers it frees), so each growth would leave the old cache's pages in the process for good."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (macOS, musl: nothing to give back this way)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to do
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
         return None
-
-
-_LIBC = _glibc()
 
 
 def _ready(x):

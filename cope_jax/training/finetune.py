@@ -215,8 +215,9 @@ class Stage:
             raise ConfigError(f"{self.data_dir}: frames are {preprocessing.size} px, the vision tower takes "
                               f"{model.config.vision.image_size} px (preprocess with --size {model.config.vision.image_size})")
         return VideoSettings(preprocessing=preprocessing).with_switches(
-            where="config.keyframes_per_gop / max_gops / time_instruction", error=ConfigError, keyframes_per_gop=self.config.keyframes_per_gop,
-            max_gops=self.config.max_gops, time_instruction=self.config.time_instruction)
+            where="config.keyframes_per_gop / max_gops / time_instruction", error=ConfigError,
+            keyframes_per_gop=self.config.keyframes_per_gop, max_gops=self.config.max_gops,
+            time_instruction=self.config.time_instruction)
 
     def describe(self) -> str:
         trainable = sum(x.size for x in jax.tree.leaves(self.params))
